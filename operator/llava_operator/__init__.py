@@ -1,0 +1,1 @@
+"""llavarun operator: LlavaRun API, plan, render and the kopf adapter."""

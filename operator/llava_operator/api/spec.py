@@ -1,0 +1,409 @@
+"""LlavaRun spec: what a user asks for. Defaults are the LLaVA-1.5 recipe (13B, 8 GPUs).
+
+Every cross-field rule here is written twice on purpose: once as a pydantic validator (so
+`llavarun validate` explains it offline) and once as a CEL rule in `x-kubernetes-validations`
+(so `kubectl apply` refuses the object without a webhook). `tests/unit/test_invalid_runs.py`
+and the control-plane tests replay the same invalid objects against both.
+"""
+
+from __future__ import annotations
+
+import re
+from enum import StrEnum
+from typing import Annotated, Any, Literal
+
+from pydantic import ConfigDict, Field, field_validator, model_validator
+
+from .base import ApiModel
+from .mmmu import SUBJECTS
+from .profiles import PROFILES, AcceleratorProfile, AcceleratorProfileName
+
+
+class Stage(StrEnum):
+    PREPARE = "prepare"
+    PRETRAIN = "pretrain"
+    FINETUNE = "finetune"
+    EVALUATE = "evaluate"
+
+
+STAGE_ORDER: tuple[Stage, ...] = tuple(Stage)
+TRAINING_STAGES: tuple[Stage, ...] = (Stage.PRETRAIN, Stage.FINETUNE)
+
+#: Longest LlavaRun name such that `<run>-<stage>-r<attempt>-worker-<index>` (pods, services)
+#: stays a 63-character DNS-1035 label: 63 - len("-finetune-r10-worker-511").
+MAX_RUN_NAME_LENGTH = 39
+MAX_RETRIES = 10
+MAX_NODES = 512
+DNS1035 = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"
+# Kubernetes resource.Quantity, as in the apimachinery OpenAPI schema.
+QUANTITY = r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGTPE]i)|[numkMGTPE]|([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$"
+ENV_NAME = r"^[-._a-zA-Z][-._a-zA-Z0-9]*$"
+LABEL_KEY = r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$"
+
+Quantity = Annotated[str, Field(pattern=QUANTITY, max_length=64)]
+RelativePath = Annotated[
+    str,
+    Field(
+        min_length=1,
+        max_length=512,
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {
+                    "rule": "!self.startsWith('/') && !self.matches('(^|/)[.][.](/|$)')",
+                    "message": "must be a path relative to the data volume, without '..'",
+                }
+            ]
+        },
+    ),
+]
+_PARENT_SEGMENT = re.compile(r"(^|/)\.\.(/|$)")
+
+
+def check_relative_path(value: str) -> str:
+    if value.startswith("/") or _PARENT_SEGMENT.search(value):
+        raise ValueError(f"{value!r} must be a path relative to the data volume, without '..'")
+    return value
+
+
+def _preserve_unknown(description: str) -> dict[str, Any]:
+    return {"type": "object", "x-kubernetes-preserve-unknown-fields": True, "description": description}
+
+
+class Toleration(ApiModel):
+    """A core/v1 Toleration."""
+
+    key: str | None = Field(None, max_length=253)
+    operator: Literal["Exists", "Equal"] | None = None
+    value: str | None = Field(None, max_length=63)
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
+    toleration_seconds: int | None = None
+
+
+class EnvVar(ApiModel):
+    """An environment variable with a literal value (e.g. NCCL_IB_HCA)."""
+
+    name: str = Field(pattern=ENV_NAME, max_length=253)
+    value: str = Field("", max_length=32768)
+
+
+class LocalObjectReference(ApiModel):
+    name: str = Field(max_length=253)
+
+
+class Accelerator(ApiModel):
+    """The accelerator behind each process. A profile supplies vendor defaults; fields override them."""
+
+    profile: AcceleratorProfileName = AcceleratorProfileName.NVIDIA
+    """Vendor profile: resource name, taint, backend and peak FLOP/s come from it."""
+    resource_name: str | None = Field(None, max_length=253)
+    """Extended resource requested per process, e.g. nvidia.com/gpu, amd.com/gpu, huawei.com/Ascend910."""
+    taint_key: str | None = Field(None, max_length=253)
+    """Key of the NoSchedule taint on the accelerator nodes; a toleration for it is always rendered."""
+    backend: Literal["nccl", "hccl", "cncl", "gloo"] | None = None
+    """torch.distributed backend."""
+    peak_tflops: float | None = Field(None, gt=0, le=100000)
+    """Dense bf16 peak TFLOP/s per device, the MFU denominator (H100 SXM 989.4, H100 PCIe 756, A100 312)."""
+
+    def resolved(self) -> AcceleratorProfile:
+        """The profile with this object's overrides applied."""
+        base = PROFILES[self.profile]
+        return AcceleratorProfile(
+            resource_name=self.resource_name or base.resource_name,
+            taint_key=self.taint_key or base.taint_key,
+            backend=self.backend or base.backend,
+            peak_tflops=self.peak_tflops or base.peak_tflops,
+            env=base.env,
+        )
+
+
+class Placement(ApiModel):
+    """Where stage pods run and what they carry, shared by every stage unless a stage overrides it."""
+
+    node_selector: dict[str, str] = Field(default_factory=dict)
+    """Node labels of the GPU pool, e.g. cloud.google.com/gke-accelerator: nvidia-h100-80gb."""
+    tolerations: list[Toleration] = Field(default_factory=list, max_length=32)
+    """Added to the accelerator-taint toleration that is always rendered."""
+    affinity: dict[str, Any] | None = Field(None, json_schema_extra=_preserve_unknown("A core/v1 Affinity."))
+    priority_class_name: str | None = Field(None, max_length=253)
+    scheduler_name: str | None = Field(None, max_length=253)
+    queue_name: str | None = Field(None, max_length=63)
+    """Kueue LocalQueue; rendered as the kueue.x-k8s.io/queue-name label, jobs start suspended until admitted."""
+    extra_resources: dict[str, Quantity] = Field(default_factory=dict)
+    """Extra per-pod resources, e.g. rdma/rdma_shared_device_a: "1"."""
+    env: list[EnvVar] = Field(default_factory=list, max_length=128)
+    """Extra environment for the trainer container, e.g. NCCL_SOCKET_IFNAME, NCCL_IB_HCA."""
+    pod_annotations: dict[str, str] = Field(default_factory=dict)
+    """Pod-template annotations, e.g. k8s.v1.cni.cncf.io/networks for a secondary RDMA network."""
+
+
+class StageResources(ApiModel):
+    """A stage's share of a GPU node pool."""
+
+    nodes: int = Field(1, ge=1, le=MAX_NODES)
+    """Pods of the stage's PyTorchJob: one Master plus nodes-1 Workers."""
+    gpus_per_node: int = Field(8, ge=1, le=64)
+    """Accelerators per pod, and so processes per pod (nprocPerNode); processes per pod on the cpu profile."""
+    cpu: Quantity | None = None
+    """CPU request and limit per pod."""
+    memory: Quantity | None = None
+    """Memory request and limit per pod."""
+    shm_size: Quantity = "32Gi"
+    """Size of the memory-backed /dev/shm (DataLoader workers, NCCL); counts against the pod's memory."""
+    node_selector: dict[str, str] | None = None
+    """Replaces spec.placement.nodeSelector for this stage."""
+    tolerations: list[Toleration] | None = Field(None, max_length=32)
+    """Replaces spec.placement.tolerations for this stage."""
+    active_deadline_seconds: int | None = Field(None, ge=1)
+    """Kills the stage's PyTorchJob after this many seconds (counts as a failed attempt)."""
+
+    @property
+    def processes(self) -> int:
+        return self.nodes * self.gpus_per_node
+
+
+class PrepareResources(ApiModel):
+    """prepare is one CPU-only pod."""
+
+    cpu: Quantity = "4"
+    memory: Quantity = "16Gi"
+    node_selector: dict[str, str] | None = None
+    tolerations: list[Toleration] | None = Field(None, max_length=32)
+    active_deadline_seconds: int | None = Field(None, ge=1)
+
+
+_BATCH_RULE = {
+    "rule": "self.globalBatchSize % (self.microBatchSize * self.resources.nodes * self.resources.gpusPerNode) == 0",
+    "message": "globalBatchSize must be divisible by microBatchSize x resources.nodes x resources.gpusPerNode "
+    "(the gradient-accumulation steps must be a whole number)",
+}
+
+
+class TrainingStage(ApiModel):
+    """Hyperparameters shared by pretrain and finetune (LLaVA's train.py flags)."""
+
+    model_config = ConfigDict(json_schema_extra={"x-kubernetes-validations": [_BATCH_RULE]})
+
+    learning_rate: float = Field(gt=0, le=1)
+    global_batch_size: int = Field(ge=1, le=65536)
+    """Samples per optimizer step over all processes (LLaVA keeps it fixed when the GPU count changes)."""
+    micro_batch_size: int = Field(ge=1, le=4096)
+    """Samples per process per forward pass; gradient accumulation makes up the rest."""
+    epochs: int = Field(1, ge=1, le=100)
+    max_steps: int = Field(0, ge=0)
+    """Stop after this many optimizer steps (0: run all epochs). Benchmarks use it."""
+    max_length: int = Field(2048, ge=64, le=32768)
+    """Tokens per sample after the 576 image tokens are spliced in; longer samples are truncated."""
+    warmup_ratio: float = Field(0.03, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0, le=1)
+    lr_scheduler: Literal["cosine", "linear", "constant"] = "cosine"
+    precision: Literal["bf16", "fp16", "fp32"] = "bf16"
+    zero_stage: int = Field(ge=0, le=3)
+    """DeepSpeed ZeRO stage."""
+    gradient_checkpointing: bool = True
+    save_steps: int = Field(ge=1)
+    """Checkpoint every N optimizer steps (and at the end); a retried attempt resumes from the newest."""
+    save_total_limit: int = Field(1, ge=1, le=100)
+    logging_steps: int = Field(1, ge=1)
+    dataloader_workers: int = Field(4, ge=0, le=64)
+    seed: int = Field(42, ge=0)
+    image_aspect_ratio: Literal["square", "pad"]
+    """square: CLIP resize + centre crop; pad: expand to square with the CLIP mean colour first."""
+    group_by_modality_length: bool
+    """Batches never mix image and text-only samples and hold similar lengths (~25% faster finetune)."""
+    bad_images: Literal["error", "skip"] = "error"
+    """A missing or corrupt image fails the stage (error) or is skipped and counted (skip)."""
+    resources: StageResources = Field(default_factory=StageResources)
+
+    @model_validator(mode="after")
+    def _batch_divisible(self) -> TrainingStage:
+        per_step = self.micro_batch_size * self.resources.processes
+        if self.global_batch_size % per_step:
+            raise ValueError(
+                f"globalBatchSize {self.global_batch_size} must be divisible by microBatchSize x nodes x "
+                f"gpusPerNode = {self.micro_batch_size} x {self.resources.nodes} x "
+                f"{self.resources.gpus_per_node} = {per_step}"
+            )
+        return self
+
+
+class PretrainStage(TrainingStage):
+    """Feature alignment: only the projector trains (Vicuna and CLIP frozen), plain template."""
+
+    learning_rate: float = Field(1e-3, gt=0, le=1)
+    global_batch_size: int = Field(256, ge=1, le=65536)
+    micro_batch_size: int = Field(32, ge=1, le=4096)
+    zero_stage: int = Field(2, ge=0, le=3)
+    save_steps: int = Field(500, ge=1)
+    image_aspect_ratio: Literal["square", "pad"] = "square"
+    group_by_modality_length: bool = False
+    template: Literal["plain"] = "plain"
+
+
+class FinetuneStage(TrainingStage):
+    """Visual instruction tuning: the LLM and projector train (CLIP frozen), vicuna_v1 template."""
+
+    learning_rate: float = Field(2e-5, gt=0, le=1)
+    global_batch_size: int = Field(128, ge=1, le=65536)
+    micro_batch_size: int = Field(16, ge=1, le=4096)
+    zero_stage: int = Field(3, ge=0, le=3)
+    save_steps: int = Field(1000, ge=1)
+    image_aspect_ratio: Literal["square", "pad"] = "pad"
+    group_by_modality_length: bool = True
+    template: Literal["vicuna_v1"] = "vicuna_v1"
+    pretrained_projector: RelativePath | None = None
+    """mm_projector.bin to start from; default: the pretrain stage's output."""
+
+    _check_projector = field_validator("pretrained_projector")(
+        lambda v: None if v is None else check_relative_path(v)
+    )
+
+
+class PrepareStage(ApiModel):
+    """Verify and index the data_dir."""
+
+    max_listed: int = Field(20, ge=0, le=10000)
+    """How many missing/corrupt image paths the report lists (all are counted)."""
+    check_images: Literal["all", "exists", "none"] = "all"
+    """all: open and decode every image; exists: only stat them; none: skip image checks."""
+    measure_lengths: bool = True
+    """Tokenize every sample once and store the lengths, so training start-up needs no rescan."""
+    resources: PrepareResources = Field(default_factory=PrepareResources)
+
+
+class EvaluateStage(ApiModel):
+    """MMMU accuracy with the official prompts and answer parsing."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {
+                    "rule": "!self.doSample || self.numBeams == 1",
+                    "message": "doSample requires numBeams 1 (beam search with sampling is not supported)",
+                }
+            ]
+        }
+    )
+
+    split: Literal["dev", "validation", "test"] = "validation"
+    subjects: list[Literal[SUBJECTS]] = Field(  # type: ignore[valid-type]
+        default_factory=list, max_length=30, json_schema_extra={"x-kubernetes-list-type": "set"}
+    )
+    """Subjects to evaluate; empty means all 30."""
+    model_path: RelativePath | None = None
+    """HF model directory to evaluate; default: the finetune stage's output."""
+    max_new_tokens: int = Field(128, ge=1, le=4096)
+    num_beams: int = Field(1, ge=1, le=16)
+    do_sample: bool = False
+    temperature: float = Field(1.0, gt=0, le=10)
+    batch_size: int = Field(8, ge=1, le=1024)
+    """Questions per process per generate call."""
+    seed: int = Field(42, ge=0)
+    precision: Literal["bf16", "fp16", "fp32"] = "bf16"
+    resources: StageResources = Field(default_factory=StageResources)
+
+    _check_model = field_validator("model_path")(lambda v: None if v is None else check_relative_path(v))
+
+    @model_validator(mode="after")
+    def _beams_and_sampling(self) -> EvaluateStage:
+        if self.do_sample and self.num_beams != 1:
+            raise ValueError("doSample requires numBeams 1 (beam search with sampling is not supported)")
+        return self
+
+
+class Volume(ApiModel):
+    """A volume mounted into every stage pod."""
+
+    source: dict[str, Any] = Field(
+        json_schema_extra=_preserve_unknown(
+            "A core/v1 volume source, e.g. {persistentVolumeClaim: {claimName: llava-data}}."
+        )
+    )
+    mount_path: str = Field("/data", pattern=r"^/.*", max_length=512)
+    read_only: bool = False
+
+    @field_validator("source")
+    @classmethod
+    def _one_source(cls, value: dict[str, Any]) -> dict[str, Any]:
+        if len(value) != 1 or not isinstance(next(iter(value.values())), dict):
+            raise ValueError(
+                "must name exactly one volume source, e.g. {persistentVolumeClaim: {claimName: llava-data}}"
+            )
+        return value
+
+
+class Storage(ApiModel):
+    """The data_dir volume and, optionally, a separate volume for outputs."""
+
+    data: Volume
+    """Holds the data_dir (LLaVA-Pretrain/, LLaVA-Finetune/, MMMU/, Output/)."""
+    output: Volume | None = None
+    """Checkpoints and results; default: the paths.output directory on the data volume."""
+
+
+class Paths(ApiModel):
+    """Locations relative to the data_dir; defaults are the FlagPerf llava1.5 case layout."""
+
+    language_model: RelativePath = "LLaVA-Pretrain/checkpoints/vicuna-13b-v1.5"
+    vision_tower: RelativePath = "LLaVA-Pretrain/checkpoints/clip-vit-large-patch14-336"
+    pretrain_data: RelativePath = "LLaVA-Pretrain/blip_laion_cc_sbu_558k.json"
+    pretrain_images: RelativePath = "LLaVA-Pretrain/images"
+    finetune_data: RelativePath = "LLaVA-Finetune/llava_v1_5_mix665k.json"
+    finetune_images: RelativePath = "LLaVA-Finetune/data"
+    mmmu: RelativePath = "MMMU/MMMU"
+    output: RelativePath = "Output"
+    """Relative to the output volume when storage.output is set, else to the data_dir."""
+
+    _check = field_validator("*")(lambda v: check_relative_path(v))
+
+
+_STAGE_ORDER_RULE = {
+    "rule": "self.stages == ['prepare', 'pretrain', 'finetune', 'evaluate'].filter(s, s in self.stages)",
+    "message": "stages must keep the recipe order prepare, pretrain, finetune, evaluate",
+}
+
+
+class LlavaRunSpec(ApiModel):
+    """One LLaVA-1.5 recipe run: the chosen stages, each as a PyTorchJob on a GPU node pool."""
+
+    model_config = ConfigDict(json_schema_extra={"x-kubernetes-validations": [_STAGE_ORDER_RULE]})
+
+    stages: list[Stage] = Field(
+        default_factory=lambda: list(STAGE_ORDER),
+        min_length=1,
+        max_length=4,
+        json_schema_extra={"x-kubernetes-list-type": "set", "default": [s.value for s in STAGE_ORDER]},
+    )
+    """Ordered subset of prepare, pretrain, finetune, evaluate."""
+    image: str = Field(min_length=1, max_length=512)
+    """The llava-trainer container image."""
+    image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = "IfNotPresent"
+    image_pull_secrets: list[LocalObjectReference] = Field(default_factory=list, max_length=16)
+    suspend: bool = False
+    """Suspends the running stage's PyTorchJob (its pods are deleted); false resumes it from its checkpoint."""
+    retries: int = Field(2, ge=0, le=MAX_RETRIES)
+    """Further attempts of a failed stage; each resumes from the newest checkpoint."""
+    service_account_name: str | None = Field(None, pattern=DNS1035, max_length=63)
+    """Run the stages under this ServiceAccount instead of the one created per run."""
+    accelerator: Accelerator = Field(default_factory=Accelerator)
+    placement: Placement = Field(default_factory=Placement)
+    storage: Storage
+    paths: Paths = Field(default_factory=Paths)
+    prepare: PrepareStage = Field(default_factory=PrepareStage)
+    pretrain: PretrainStage = Field(default_factory=PretrainStage)
+    finetune: FinetuneStage = Field(default_factory=FinetuneStage)
+    evaluate: EvaluateStage = Field(default_factory=EvaluateStage)
+
+    @field_validator("stages")
+    @classmethod
+    def _stage_order(cls, stages: list[Stage]) -> list[Stage]:
+        if len(set(stages)) != len(stages):
+            raise ValueError(f"stages must not repeat a stage, got {[s.value for s in stages]}")
+        if stages != [s for s in STAGE_ORDER if s in stages]:
+            raise ValueError(
+                f"stages must keep the recipe order prepare, pretrain, finetune, evaluate; "
+                f"got {[s.value for s in stages]}"
+            )
+        return stages
+
+    def stage_config(self, stage: Stage) -> PrepareStage | PretrainStage | FinetuneStage | EvaluateStage:
+        return getattr(self, stage.value)
