@@ -313,6 +313,8 @@ class EvaluateStage(ApiModel):
 class Volume(ApiModel):
     """A volume mounted into every stage pod."""
 
+    model_config = ConfigDict(json_schema_extra={"required": ["source"]})
+
     source: dict[str, Any] = Field(
         json_schema_extra=_preserve_unknown(
             "A core/v1 volume source, e.g. {persistentVolumeClaim: {claimName: llava-data}}."
@@ -331,13 +333,34 @@ class Volume(ApiModel):
         return value
 
 
+class OutputVolume(Volume):
+    mount_path: str = Field("/output", pattern=r"^/.*", max_length=512)
+
+
 class Storage(ApiModel):
     """The data_dir volume and, optionally, a separate volume for outputs."""
 
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {
+                    "rule": "!has(self.output) || self.output.mountPath != self.data.mountPath",
+                    "message": "output.mountPath must differ from data.mountPath",
+                }
+            ]
+        }
+    )
+
     data: Volume
     """Holds the data_dir (LLaVA-Pretrain/, LLaVA-Finetune/, MMMU/, Output/)."""
-    output: Volume | None = None
+    output: OutputVolume | None = None
     """Checkpoints and results; default: the paths.output directory on the data volume."""
+
+    @model_validator(mode="after")
+    def _distinct_mounts(self) -> Storage:
+        if self.output is not None and self.output.mount_path == self.data.mount_path:
+            raise ValueError("output.mountPath must differ from data.mountPath")
+        return self
 
 
 class Paths(ApiModel):

@@ -1,0 +1,101 @@
+"""`llavarun`: the user-facing command (crd, render, validate, operator, local)."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from . import yamlio
+
+COMMANDS: dict[str, str] = {
+    "crd": "Print the LlavaRun CustomResourceDefinition generated from the API models",
+    "render": "Print what the operator creates for a LlavaRun (RBAC and one PyTorchJob per stage)",
+    "validate": "Check LlavaRun manifests offline, as the apiserver will",
+    "operator": "Run the operator (kopf) against the current kubeconfig",
+    "local": "Run a LlavaRun on this machine, each stage as local processes",
+}
+
+
+def _crd(args: argparse.Namespace) -> int:
+    from .api.crd import generate_crd
+
+    sys.stdout.write(yamlio.dump(generate_crd()))
+    return 0
+
+
+def _load_runs(path: str):
+    from .validate import load_run
+
+    docs = yamlio.load_documents(path)
+    if not docs:
+        raise ValueError(f"{path}: no YAML documents")
+    return [load_run(doc) for doc in docs]
+
+
+def _render(args: argparse.Namespace) -> int:
+    from .api import Stage
+    from .render import render_all
+
+    out = []
+    for run in _load_runs(args.file):
+        if args.stage and Stage(args.stage) not in run.spec.stages:
+            raise ValueError(f"LlavaRun {run.name}: stage {args.stage!r} is not in spec.stages")
+        out += render_all(run, [Stage(args.stage)] if args.stage else None)
+    sys.stdout.write(yamlio.dump_all(out))
+    return 0
+
+
+def _validate(args: argparse.Namespace) -> int:
+    from .validate import describe, problems
+
+    failed = 0
+    for path in args.files:
+        for doc in yamlio.load_documents(path):
+            found = problems(doc)
+            if found:
+                failed += 1
+                print(f"{path}: {describe(doc)} is invalid:", file=sys.stderr)
+                for p in found:
+                    print(f"  {p}", file=sys.stderr)
+            else:
+                print(f"{path}: {describe(doc)} is valid")
+    return 1 if failed else 0
+
+
+def _delegate(module: str):
+    def run(args: argparse.Namespace) -> int:
+        return int(importlib.import_module(module).main(args.rest) or 0)
+
+    return run
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="llavarun", description="Kubernetes-native LLaVA-1.5 training.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub.add_parser("crd", help=COMMANDS["crd"]).set_defaults(func=_crd)
+    render = sub.add_parser("render", help=COMMANDS["render"])
+    render.add_argument("file", help="LlavaRun YAML ('-' for stdin)")
+    render.add_argument("--stage", choices=["prepare", "pretrain", "finetune", "evaluate"])
+    render.set_defaults(func=_render)
+    validate = sub.add_parser("validate", help=COMMANDS["validate"])
+    validate.add_argument("files", nargs="+", help="LlavaRun YAML files")
+    validate.set_defaults(func=_validate)
+    for name, module in (("operator", "llava_operator.main"), ("local", "llava_operator.local.main")):
+        p = sub.add_parser(name, help=COMMANDS[name], add_help=False)
+        p.add_argument("rest", nargs=argparse.REMAINDER)
+        p.set_defaults(func=_delegate(module))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, OSError) as err:
+        print(f"llavarun {args.command}: {err}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

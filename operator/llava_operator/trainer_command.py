@@ -1,0 +1,139 @@
+"""The `llava-trainer` command line of each stage, from a LlavaRun spec.
+
+The flags are built as the trainer's own typed config (llava_trainer.config) and serialised by
+it, so what the operator renders is by construction what the trainer parses.
+"""
+
+from __future__ import annotations
+
+from pathlib import PurePosixPath
+
+from llava_trainer.config import (
+    OUTPUT_DIRS,
+    EvaluateConfig,
+    FinetuneConfig,
+    PrepareConfig,
+    PretrainConfig,
+    StageConfig,
+    config_to_args,
+)
+
+from .api import LlavaRunSpec, Stage
+
+_TRAINING_FIELDS = (
+    "learning_rate",
+    "global_batch_size",
+    "micro_batch_size",
+    "epochs",
+    "max_steps",
+    "max_length",
+    "warmup_ratio",
+    "weight_decay",
+    "lr_scheduler",
+    "precision",
+    "zero_stage",
+    "gradient_checkpointing",
+    "save_steps",
+    "save_total_limit",
+    "logging_steps",
+    "dataloader_workers",
+    "seed",
+    "image_aspect_ratio",
+    "group_by_modality_length",
+    "bad_images",
+)
+
+
+def data_dir(spec: LlavaRunSpec) -> PurePosixPath:
+    return PurePosixPath(spec.storage.data.mount_path)
+
+
+def output_root(spec: LlavaRunSpec) -> PurePosixPath:
+    base = spec.storage.output.mount_path if spec.storage.output else spec.storage.data.mount_path
+    return PurePosixPath(base) / spec.paths.output
+
+
+def stage_output_dir(spec: LlavaRunSpec, stage: Stage) -> PurePosixPath:
+    return output_root(spec) / OUTPUT_DIRS[stage.value]
+
+
+def stage_config(spec: LlavaRunSpec, stage: Stage, *, data_dir_override: str | None = None) -> StageConfig:
+    """The trainer's typed config for `stage` of this run (paths as seen inside the pod)."""
+    root = data_dir_override or str(data_dir(spec))
+    out = str(stage_output_dir(spec, stage))
+    if data_dir_override:  # local runs: outputs live under the local data_dir
+        out = str(PurePosixPath(data_dir_override) / spec.paths.output / OUTPUT_DIRS[stage.value])
+    paths = spec.paths
+    common = {
+        "data_dir": root,
+        "output_dir": out,
+    }
+    models = {"language_model": paths.language_model, "vision_tower": paths.vision_tower}
+    if stage is Stage.PREPARE:
+        prep = spec.prepare
+        later = [s.value for s in spec.stages if s is not Stage.PREPARE]
+        return PrepareConfig(
+            **common,
+            **models,
+            pretrain_data=paths.pretrain_data,
+            pretrain_images=paths.pretrain_images,
+            finetune_data=paths.finetune_data,
+            finetune_images=paths.finetune_images,
+            mmmu_dir=paths.mmmu,
+            stages=later,
+            max_length=max(spec.pretrain.max_length, spec.finetune.max_length),
+            max_listed=prep.max_listed,
+            check_images=prep.check_images,
+            measure_lengths=prep.measure_lengths,
+        )
+    if stage is Stage.EVALUATE:
+        ev = spec.evaluate
+        return EvaluateConfig(
+            **common,
+            model_path=ev.model_path,
+            mmmu_dir=paths.mmmu,
+            split=ev.split,
+            subjects=list(ev.subjects),
+            max_new_tokens=ev.max_new_tokens,
+            num_beams=ev.num_beams,
+            do_sample=ev.do_sample,
+            temperature=ev.temperature,
+            batch_size=ev.batch_size,
+            seed=ev.seed,
+            precision=ev.precision,
+        )
+    hp = spec.pretrain if stage is Stage.PRETRAIN else spec.finetune
+    values = {name: getattr(hp, name) for name in _TRAINING_FIELDS}
+    peak = spec.accelerator.resolved().peak_tflops if spec.accelerator.peak_tflops else 0.0
+    if stage is Stage.PRETRAIN:
+        return PretrainConfig(
+            **common,
+            **models,
+            **values,
+            data_path=paths.pretrain_data,
+            image_folder=paths.pretrain_images,
+            peak_tflops=peak,
+        )
+    return FinetuneConfig(
+        **common,
+        **models,
+        **values,
+        data_path=paths.finetune_data,
+        image_folder=paths.finetune_images,
+        pretrained_projector=spec.finetune.pretrained_projector,
+        peak_tflops=peak,
+    )
+
+
+def trainer_args(spec: LlavaRunSpec, stage: Stage, *, data_dir_override: str | None = None) -> list[str]:
+    """`llava-trainer <stage> <flags>`, without the launcher."""
+    return [stage.value, *config_to_args(stage_config(spec, stage, data_dir_override=data_dir_override))]
+
+
+def launcher_command(stage: Stage) -> list[str]:
+    """prepare and single-process tools run directly; distributed stages under torchrun, which
+    takes --nnodes/--nproc-per-node/--node-rank/--master-* from the PET_* env the
+    training-operator injects."""
+    if stage is Stage.PREPARE:
+        return ["llava-trainer"]
+    return ["torchrun", "--no-python", "llava-trainer"]

@@ -1,0 +1,78 @@
+"""Offline validation of LlavaRun manifests, with errors a person can act on.
+
+The same rules the apiserver applies (schema bounds, enums, unknown fields, CEL rules) are
+enforced by the pydantic models; this module only turns their findings into messages that
+name the object, the field path, the offending value and what is allowed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import ValidationError
+
+from .api import KIND, LlavaRun
+
+
+@dataclass(frozen=True)
+class Problem:
+    path: str
+    message: str
+    value: Any = None
+
+    def __str__(self) -> str:
+        shown = "" if self.value is None else f" (got {self.value!r})"
+        return f"{self.path}: {self.message}{shown}"
+
+
+def _path(loc: tuple[Any, ...]) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "(object)"
+
+
+def _message(error: dict[str, Any]) -> str:
+    kind = error["type"]
+    if kind == "extra_forbidden":
+        return "unknown field (not in the LlavaRun v1alpha1 schema)"
+    if kind == "missing":
+        return "required field is missing"
+    if kind == "literal_error" or kind == "enum":
+        expected = error.get("ctx", {}).get("expected", "")
+        return f"must be one of {expected}"
+    msg = error["msg"]
+    return msg.removeprefix("Value error, ")
+
+
+def problems(document: dict[str, Any]) -> list[Problem]:
+    """Everything wrong with one LlavaRun document (empty when it is valid)."""
+    if not isinstance(document, dict):
+        return [Problem("(document)", "must be a mapping (a Kubernetes object)")]
+    try:
+        LlavaRun.model_validate(document)
+    except ValidationError as err:
+        found = []
+        for e in err.errors():
+            value = None if e["type"] in ("missing", "extra_forbidden") else e.get("input")
+            if isinstance(value, dict | list):
+                value = None
+            found.append(Problem(_path(e["loc"]), _message(e), value))
+        return found
+    return []
+
+
+def describe(document: Any) -> str:
+    if isinstance(document, dict):
+        name = (document.get("metadata") or {}).get("name", "<unnamed>")
+        return f"{document.get('kind', KIND)} {name}"
+    return "document"
+
+
+def load_run(document: dict[str, Any]) -> LlavaRun:
+    """Parse a LlavaRun or raise ValueError with every problem, one per line."""
+    found = problems(document)
+    if found:
+        raise ValueError(f"{describe(document)} is invalid:\n" + "\n".join(f"  {p}" for p in found))
+    return LlavaRun.model_validate(document)
