@@ -1,0 +1,752 @@
+"""A real Kubernetes control plane on loopback for tests.
+
+etcd + kube-apiserver always; kube-scheduler, kube-controller-manager, kwok
+(fake GPU nodes) and the Kubeflow training-operator on request, added lazily
+with :meth:`Cluster.ensure` so that one session only ever runs one control
+plane. Binaries come from ``tests/cluster/build`` (cached Go builds).
+"""
+
+from __future__ import annotations
+
+import atexit
+import base64
+import contextlib
+import json
+import os
+import shutil
+import signal
+import ssl
+import subprocess
+import tempfile
+import threading
+import time
+import urllib.request
+import weakref
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import yaml
+
+from . import pki as pki_mod
+from .processes import Process, free_port, tail
+
+if TYPE_CHECKING:
+    from kubernetes.client import ApiClient
+
+HERE = Path(__file__).resolve().parent
+BUILD_SCRIPT = HERE / "build"
+VERSIONS_FILE = HERE / "versions.env"
+STAGES_DIR = HERE / "stages"
+
+SCHEDULER = "scheduler"
+CONTROLLER_MANAGER = "controller-manager"
+KWOK = "kwok"
+TRAINING_OPERATOR = "training-operator"
+#: Everything beyond etcd + apiserver, in start order.
+OPTIONAL_COMPONENTS = (SCHEDULER, CONTROLLER_MANAGER, KWOK, TRAINING_OPERATOR)
+FULL = OPTIONAL_COMPONENTS
+
+SERVICE_CIDR = "10.96.0.0/16"
+POD_CIDR = "10.128.0.0/16"  # fake pod IPs handed out by kwok
+KWOK_NODE_ANNOTATION = "kwok.x-k8s.io/node"
+GPU_RESOURCE = "nvidia.com/gpu"
+#: Label a test puts on a pod (template) to choose its fate under kwok: "fail" or "hang".
+OUTCOME_LABEL = "kwok.llavarun.test/outcome"
+RUN_DURATION_ANNOTATION = "kwok.llavarun.test/run-duration"
+EXIT_CODE_ANNOTATION = "kwok.llavarun.test/exit-code"
+KUBEFLOW_NAMESPACE = "kubeflow"
+PYTORCHJOB_CRD = "pytorchjobs.kubeflow.org"
+
+
+class BuildError(RuntimeError):
+    """tests/cluster/build failed or no binaries are available."""
+
+
+class CommandError(subprocess.CalledProcessError):
+    """kubectl/helm failed; unlike CalledProcessError the message includes stderr."""
+
+    def __str__(self) -> str:
+        cmd = " ".join(str(a) for a in self.cmd[1:]) if isinstance(self.cmd, list) else self.cmd
+        tool = Path(str(self.cmd[0])).name
+        return f"{tool} {cmd} failed (rc={self.returncode}):\n{(self.stderr or '').strip()}"
+
+
+def read_versions(path: Path = VERSIONS_FILE) -> dict[str, str]:
+    """The pinned versions (tests/cluster/versions.env) as a dict."""
+    out: dict[str, str] = {}
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if line and not line.startswith("#") and "=" in line:
+            key, _, value = line.partition("=")
+            out[key.strip()] = value.strip().strip('"')
+    return out
+
+
+def build(quiet: bool = False) -> Path:
+    """Run tests/cluster/build (seconds when cached) and return the bin dir.
+
+    ``LLAVARUN_CLUSTER_BIN`` overrides the cache, e.g. for binaries built elsewhere.
+    """
+    override = os.environ.get("LLAVARUN_CLUSTER_BIN")
+    if override:
+        return Path(override)
+    proc = subprocess.run([str(BUILD_SCRIPT)], capture_output=True, text=True, check=False)
+    if not quiet and proc.stderr:
+        print(proc.stderr, end="", flush=True)
+    if proc.returncode != 0:
+        raise BuildError(f"{BUILD_SCRIPT} failed (rc={proc.returncode}):\n{proc.stderr[-4000:]}")
+    return Path(proc.stdout.strip().splitlines()[-1])
+
+
+def cached_bin_dir() -> Path | None:
+    """The bin dir if the cache already holds a complete build, else None (never builds)."""
+    override = os.environ.get("LLAVARUN_CLUSTER_BIN")
+    if override:
+        return Path(override)
+    ok = subprocess.run([str(BUILD_SCRIPT), "--check"], check=False).returncode == 0
+    if not ok:
+        return None
+    out = subprocess.run([str(BUILD_SCRIPT), "--bin-dir"], capture_output=True, text=True, check=True)
+    return Path(out.stdout.strip())
+
+
+# --- teardown of every live cluster, whatever ends the interpreter -------------------------------
+
+_LIVE: weakref.WeakSet[Cluster] = weakref.WeakSet()
+_handlers_installed = False
+
+
+def _stop_all() -> None:
+    for cluster in list(_LIVE):
+        with contextlib.suppress(Exception):
+            cluster.stop()
+
+
+def _install_exit_handlers() -> None:
+    """Make SIGTERM/SIGHUP unwind like Ctrl-C so fixtures and atexit run (default would just die)."""
+    global _handlers_installed
+    if _handlers_installed:
+        return
+    _handlers_installed = True
+    atexit.register(_stop_all)
+    if threading.current_thread() is not threading.main_thread():
+        return
+
+    def to_interrupt(signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
+
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        if signal.getsignal(sig) in (signal.SIG_DFL, None):
+            signal.signal(sig, to_interrupt)
+
+
+class Cluster:
+    """etcd + kube-apiserver on free loopback ports, plus optional components.
+
+    Use as a context manager or call :meth:`start`/:meth:`stop`. All state
+    (PKI, kubeconfigs, etcd data, logs) lives in :attr:`workdir`.
+    """
+
+    def __init__(
+        self,
+        bin_dir: Path | None = None,
+        workdir: Path | None = None,
+        gpu_nodes: int = 2,
+        pytorchjob_crd: Path | None = None,
+        verbosity: int = 1,
+    ) -> None:
+        self.bin_dir = bin_dir or build(quiet=True)
+        self.versions = read_versions()
+        self.workdir = workdir or Path(tempfile.mkdtemp(prefix="llavarun-cluster-"))
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.logs_dir = self.workdir / "logs"
+        self.gpu_nodes = gpu_nodes
+        self.verbosity = verbosity
+        self.pytorchjob_crd = pytorchjob_crd or (
+            self.bin_dir.parent / "share" / "kubeflow.org_pytorchjobs.yaml"
+        )
+        self.kubeconfig = self.workdir / "admin.kubeconfig"
+        self.pki = pki_mod.Pki(self.workdir / "pki")
+        self.kwok_stages_dir = self.workdir / "kwok-stages"
+        self.procs: dict[str, Process] = {}
+        self.components: set[str] = set()
+        self.ports: dict[str, int] = {}
+        self._service_account_admission = False
+        self._lock = threading.RLock()
+
+    # --- public API ------------------------------------------------------------------------------
+
+    @property
+    def server(self) -> str:
+        """The apiserver URL (https://127.0.0.1:<port>)."""
+        return f"https://127.0.0.1:{self.ports['apiserver']}"
+
+    @property
+    def expected_version(self) -> str:
+        """The pinned Kubernetes version, e.g. v1.37.2."""
+        return self.versions["K8S_VERSION"]
+
+    def __enter__(self) -> Cluster:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def start(self, components: Iterable[str] = ()) -> Cluster:
+        """Start etcd and kube-apiserver, then *components* (see :data:`OPTIONAL_COMPONENTS`)."""
+        with self._lock:
+            _install_exit_handlers()
+            _LIVE.add(self)
+            try:
+                if "apiserver" not in self.procs:
+                    self._start_core(service_account_admission=CONTROLLER_MANAGER in components)
+                self.ensure(*components)
+            except BaseException:
+                self.stop()
+                raise
+            return self
+
+    def ensure(self, *components: str) -> Cluster:
+        """Add components that are not running yet (idempotent, in dependency order)."""
+        unknown = set(components) - set(OPTIONAL_COMPONENTS)
+        if unknown:
+            raise ValueError(f"unknown components {sorted(unknown)}; choose from {OPTIONAL_COMPONENTS}")
+        with self._lock:
+            if "apiserver" not in self.procs:
+                return self.start(components)
+            for name in OPTIONAL_COMPONENTS:
+                if name in components and name not in self.components:
+                    getattr(self, f"_start_{name.replace('-', '_')}")()
+                    self.components.add(name)
+            return self
+
+    def stop(self, remove_workdir: bool = False) -> None:
+        """Stop every process (reverse start order); keep logs unless *remove_workdir*."""
+        with self._lock:
+            for name in reversed(list(self.procs)):
+                self.procs[name].stop()
+            self.procs.clear()
+            self.components.clear()
+            _LIVE.discard(self)
+            shutil.rmtree(self.workdir / "etcd-data", ignore_errors=True)
+            if remove_workdir:
+                shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def env(self, kubeconfig: Path | None = None) -> dict[str, str]:
+        """Environment for a subprocess talking to this cluster (KUBECONFIG, PATH with our binaries)."""
+        env = dict(os.environ)
+        env["KUBECONFIG"] = str(kubeconfig or self.kubeconfig)
+        env["PATH"] = f"{self.bin_dir}{os.pathsep}{env.get('PATH', '')}"
+        for var, sub in (
+            ("HELM_CACHE_HOME", "cache"),
+            ("HELM_CONFIG_HOME", "config"),
+            ("HELM_DATA_HOME", "data"),
+        ):
+            env[var] = str(self.workdir / "helm" / sub)
+        return env
+
+    def kubectl(
+        self,
+        *args: str,
+        kubeconfig: Path | None = None,
+        input: str | None = None,
+        check: bool = True,
+        timeout: float = 120,
+    ) -> subprocess.CompletedProcess[str]:
+        """Run the matching kubectl against this cluster; raises with stderr when *check* fails."""
+        return self._run("kubectl", args, kubeconfig, input, check, timeout)
+
+    def helm(
+        self, *args: str, kubeconfig: Path | None = None, check: bool = True, timeout: float = 300
+    ) -> subprocess.CompletedProcess[str]:
+        """Run helm against this cluster (its caches live in the workdir, not in $HOME)."""
+        return self._run("helm", args, kubeconfig, None, check, timeout)
+
+    def apply(self, manifest: str | Mapping[str, Any] | Sequence[Mapping[str, Any]]) -> None:
+        """Server-side apply YAML text or objects as the admin."""
+        if not isinstance(manifest, str):
+            docs = [manifest] if isinstance(manifest, Mapping) else list(manifest)
+            manifest = yaml.safe_dump_all(docs)
+        self.kubectl("apply", "--server-side", "--force-conflicts", "-f", "-", input=manifest)
+
+    def api_client(self, kubeconfig: Path | None = None) -> ApiClient:
+        """A python ``kubernetes`` ApiClient for the admin (or for *kubeconfig*)."""
+        from kubernetes import config
+
+        return config.new_client_from_config(config_file=str(kubeconfig or self.kubeconfig))
+
+    def restart_apiserver(self) -> None:
+        """Stop and start kube-apiserver on the same port (clients see a real outage)."""
+        self._restart_apiserver(self._service_account_admission)
+
+    def restart(self, component: str) -> None:
+        """Restart one running component ("etcd", "apiserver", or an optional one)."""
+        if component == "apiserver":
+            self.restart_apiserver()
+            return
+        proc = self.procs[component]
+        proc.stop()
+        proc.start()
+        self._wait_ready(component)
+
+    def create_token(
+        self,
+        namespace: str,
+        service_account: str,
+        expiration_seconds: int = 3600,
+        audiences: Sequence[str] = (),
+    ) -> str:
+        """Mint a ServiceAccount token through the TokenRequest API."""
+        from kubernetes import client
+
+        body = client.AuthenticationV1TokenRequest(
+            spec=client.V1TokenRequestSpec(audiences=list(audiences), expiration_seconds=expiration_seconds)
+        )
+        with self.api_client() as api:
+            resp = client.CoreV1Api(api).create_namespaced_service_account_token(
+                service_account, namespace, body
+            )
+        return str(resp.status.token)
+
+    def kubeconfig_for_token(self, token: str, path: Path | None = None, namespace: str = "default") -> Path:
+        """Write a kubeconfig that authenticates with a bearer *token*; returns its path."""
+        if path is None:
+            path = Path(tempfile.mkstemp(prefix="token-", suffix=".kubeconfig", dir=self.workdir)[1])
+        self._write_kubeconfig(path, {"token": token}, namespace=namespace)
+        return path
+
+    def add_gpu_nodes(
+        self,
+        count: int,
+        gpus: int = 8,
+        resource: str = GPU_RESOURCE,
+        taint_key: str | None = None,
+        prefix: str = "gpu-node",
+        labels: Mapping[str, str] | None = None,
+        wait: bool = True,
+    ) -> list[str]:
+        """Create *count* kwok-managed nodes with *gpus* of *resource* each.
+
+        They carry the taint ``<taint_key>=present:NoSchedule`` (taint_key defaults to the
+        resource name) and the annotation kwok manages. Names continue after existing nodes
+        with the same prefix. Needs kwok to become Ready.
+        """
+        self.ensure(KWOK)
+        from kubernetes import client
+
+        taint_key = taint_key or resource
+        with self.api_client() as api:
+            core = client.CoreV1Api(api)
+            existing = {n.metadata.name for n in core.list_node().items}
+            names: list[str] = []
+            i = 0
+            while len(names) < count:
+                name = f"{prefix}-{i}"
+                i += 1
+                if name in existing:
+                    continue
+                names.append(name)
+                node_labels = {
+                    "kubernetes.io/hostname": name,
+                    "kubernetes.io/os": "linux",
+                    "kubernetes.io/arch": "amd64",
+                    "type": "kwok",
+                    f"{resource}.present": "true",
+                    **(labels or {}),
+                }
+                resources = {
+                    "cpu": "96",
+                    "memory": "1Ti",
+                    "pods": "110",
+                    "ephemeral-storage": "2Ti",
+                    resource: str(gpus),
+                }
+                body = {
+                    "apiVersion": "v1",
+                    "kind": "Node",
+                    "metadata": {
+                        "name": name,
+                        "labels": node_labels,
+                        "annotations": {KWOK_NODE_ANNOTATION: "fake", "node.alpha.kubernetes.io/ttl": "0"},
+                    },
+                    "spec": {
+                        "providerID": f"kwok://{name}",
+                        "taints": [{"key": taint_key, "value": "present", "effect": "NoSchedule"}],
+                    },
+                    "status": {"capacity": resources, "allocatable": resources},
+                }
+                core.create_node(body)
+            if wait:
+                self._wait_nodes_ready(core, names)
+        return names
+
+    def add_kwok_stages(self, stages: str | Path, name: str | None = None) -> Path:
+        """Add Stage YAML (text or a file) to kwok's config and restart kwok so it takes effect.
+
+        Extra stages compete with the defaults in tests/cluster/stages (same resource and a
+        matching selector: kwok picks by weight), so give them selectors of their own.
+        """
+        text = stages.read_text() if isinstance(stages, Path) else stages
+        if name is None:
+            name = (
+                stages.stem if isinstance(stages, Path) else f"extra-{len(list(self._extra_stage_files()))}"
+            )
+        self.kwok_stages_dir.mkdir(parents=True, exist_ok=True)
+        path = self.kwok_stages_dir / f"{name}.yaml"
+        path.write_text(text)
+        if KWOK in self.procs:
+            self._restart_kwok()
+        return path
+
+    def remove_kwok_stages(self, name: str) -> None:
+        """Drop stages added with :meth:`add_kwok_stages` and restart kwok."""
+        (self.kwok_stages_dir / f"{name}.yaml").unlink(missing_ok=True)
+        if KWOK in self.procs:
+            self._restart_kwok()
+
+    def log_paths(self) -> dict[str, Path]:
+        """Component name → log file."""
+        return {name: p.log for name, p in self.procs.items()} or {
+            p.stem: p for p in sorted(self.logs_dir.glob("*.log"))
+        }
+
+    def describe_logs(self, lines: int = 25) -> str:
+        """Log paths and tails of every component, for failure reports."""
+        parts = [f"control plane workdir: {self.workdir}  (KUBECONFIG={self.kubeconfig})"]
+        for name, path in self.log_paths().items():
+            parts.append(f"--- {name}: {path} (last {lines} lines)\n{tail(path, lines)}")
+        return "\n".join(parts)
+
+    # --- core: etcd + apiserver ------------------------------------------------------------------
+
+    def _bin(self, name: str) -> str:
+        path = self.bin_dir / name
+        if not path.exists():
+            raise BuildError(f"{path} is missing: run tests/cluster/build")
+        return str(path)
+
+    def _start_core(self, service_account_admission: bool) -> None:
+        for name in ("etcd-client", "etcd-peer", "apiserver"):
+            self.ports[name] = free_port()
+        pki_mod.generate(self.pki.dir, service_ip=SERVICE_CIDR.replace("0.0/16", "0.1"))
+        self._write_kubeconfig(
+            self.kubeconfig,
+            {
+                "client-certificate-data": _b64(self.pki.admin_crt),
+                "client-key-data": _b64(self.pki.admin_key),
+            },
+        )
+        etcd_url = f"http://127.0.0.1:{self.ports['etcd-client']}"
+        peer_url = f"http://127.0.0.1:{self.ports['etcd-peer']}"
+        etcd = Process(
+            "etcd",
+            [
+                self._bin("etcd"),
+                "--name=test",
+                f"--data-dir={self.workdir / 'etcd-data'}",
+                f"--listen-client-urls={etcd_url}",
+                f"--advertise-client-urls={etcd_url}",
+                f"--listen-peer-urls={peer_url}",
+                f"--initial-advertise-peer-urls={peer_url}",
+                f"--initial-cluster=test={peer_url}",
+                "--listen-metrics-urls=",
+                "--unsafe-no-fsync=true",
+                "--log-level=warn",
+                "--quota-backend-bytes=4294967296",
+            ],
+            self.logs_dir / "etcd.log",
+        )
+        self.procs["etcd"] = etcd
+        etcd.start()
+        etcd.wait_until(lambda: _http_ok(f"{etcd_url}/health"), 30, "etcd /health")
+        self._start_apiserver(service_account_admission)
+
+    def _apiserver_argv(self, service_account_admission: bool) -> list[str]:
+        p = self.pki
+        argv = [
+            self._bin("kube-apiserver"),
+            f"--etcd-servers=http://127.0.0.1:{self.ports['etcd-client']}",
+            "--bind-address=127.0.0.1",
+            "--advertise-address=127.0.0.1",
+            f"--secure-port={self.ports['apiserver']}",
+            f"--tls-cert-file={p.apiserver_crt}",
+            f"--tls-private-key-file={p.apiserver_key}",
+            f"--client-ca-file={p.ca_crt}",
+            "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
+            f"--service-account-key-file={p.sa_pub}",
+            f"--service-account-signing-key-file={p.sa_key}",
+            f"--service-cluster-ip-range={SERVICE_CIDR}",
+            "--authorization-mode=RBAC",
+            "--allow-privileged=true",
+            # The "kubernetes" Service endpoint would be 127.0.0.1, which Endpoints reject.
+            "--endpoint-reconciler-type=none",
+            "--profiling=false",
+            f"--v={self.verbosity}",
+        ]
+        if not service_account_admission:
+            # Nothing creates "default" ServiceAccounts without kube-controller-manager (as envtest).
+            argv.append("--disable-admission-plugins=ServiceAccount")
+        return argv
+
+    def _start_apiserver(self, service_account_admission: bool) -> None:
+        self._service_account_admission = service_account_admission
+        proc = Process(
+            "apiserver", self._apiserver_argv(service_account_admission), self.logs_dir / "kube-apiserver.log"
+        )
+        self.procs["apiserver"] = proc
+        proc.start()
+        self._wait_ready("apiserver")
+
+    def _restart_apiserver(self, service_account_admission: bool) -> None:
+        with self._lock:
+            old = self.procs["apiserver"]
+            old.stop()
+            old.argv = self._apiserver_argv(service_account_admission)
+            self._service_account_admission = service_account_admission
+            old.start()
+            self._wait_ready("apiserver")
+
+    # --- optional components ---------------------------------------------------------------------
+
+    def _kube_component(self, name: str, binary: str, extra: list[str]) -> None:
+        self.ports[name] = free_port()
+        kc = str(self.kubeconfig)
+        proc = Process(
+            name,
+            [
+                self._bin(binary),
+                f"--kubeconfig={kc}",
+                f"--authentication-kubeconfig={kc}",
+                f"--authorization-kubeconfig={kc}",
+                "--bind-address=127.0.0.1",
+                f"--secure-port={self.ports[name]}",
+                f"--cert-dir={self.workdir / name}",
+                "--leader-elect=false",
+                f"--v={self.verbosity}",
+                *extra,
+            ],
+            self.logs_dir / f"{binary}.log",
+        )
+        self.procs[name] = proc
+        proc.start()
+        self._wait_ready(name)
+
+    def _start_scheduler(self) -> None:
+        self._kube_component(SCHEDULER, "kube-scheduler", [])
+
+    def _start_controller_manager(self) -> None:
+        if not self._service_account_admission:
+            # Pods now get their ServiceAccount checked and token mounted, as in a real cluster.
+            self._restart_apiserver(service_account_admission=True)
+        p = self.pki
+        self._kube_component(
+            CONTROLLER_MANAGER,
+            "kube-controller-manager",
+            [
+                f"--root-ca-file={p.ca_crt}",
+                f"--service-account-private-key-file={p.sa_key}",
+                f"--cluster-signing-cert-file={p.ca_crt}",
+                f"--cluster-signing-key-file={p.ca_key}",
+                f"--service-cluster-ip-range={SERVICE_CIDR}",
+                "--use-service-account-credentials=false",
+            ],
+        )
+
+    def _kwok_argv(self) -> list[str]:
+        stage_files = sorted(STAGES_DIR.glob("*.yaml")) + self._extra_stage_files()
+        return [
+            self._bin("kwok"),
+            f"--kubeconfig={self.kubeconfig}",
+            f"--manage-nodes-with-annotation-selector={KWOK_NODE_ANNOTATION}=fake",
+            f"--cidr={POD_CIDR}",
+            "--node-ip=10.255.0.1",
+            "--node-lease-duration-seconds=40",
+            f"--server-address=127.0.0.1:{self.ports[KWOK]}",
+            *(f"--config={f}" for f in stage_files),
+        ]
+
+    def _extra_stage_files(self) -> list[Path]:
+        return sorted(self.kwok_stages_dir.glob("*.yaml")) if self.kwok_stages_dir.exists() else []
+
+    def _start_kwok(self) -> None:
+        self.ports[KWOK] = free_port()
+        home = self.workdir / "kwok-home"  # kwok also reads ~/.kwok/kwok.yaml: keep the user's out
+        home.mkdir(exist_ok=True)
+        env = dict(os.environ, HOME=str(home))
+        proc = Process(KWOK, self._kwok_argv(), self.logs_dir / "kwok.log", env=env)
+        self.procs[KWOK] = proc
+        proc.start()
+        self._wait_ready(KWOK)
+        self.components.add(KWOK)  # add_gpu_nodes() calls ensure(KWOK)
+        if self.gpu_nodes:
+            self.add_gpu_nodes(self.gpu_nodes)
+
+    def _restart_kwok(self) -> None:
+        proc = self.procs[KWOK]
+        proc.stop()
+        proc.argv = self._kwok_argv()
+        proc.start()
+        self._wait_ready(KWOK)
+
+    def _start_training_operator(self) -> None:
+        ns = KUBEFLOW_NAMESPACE
+        # The webhook cert rotator Gets this Secret first and stops the manager if it is missing.
+        self.apply(
+            [
+                {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}},
+                {
+                    "apiVersion": "v1",
+                    "kind": "Secret",
+                    "metadata": {"name": "training-operator-webhook-cert", "namespace": ns},
+                },
+            ]
+        )
+        self.install_pytorchjob_crd()
+        for port in ("to-metrics", "to-health", "to-webhook"):
+            self.ports[port] = free_port()
+        env = dict(os.environ, KUBECONFIG=str(self.kubeconfig), MY_POD_NAMESPACE=ns)
+        proc = Process(
+            TRAINING_OPERATOR,
+            [
+                self._bin("training-operator"),
+                f"--kubeconfig={self.kubeconfig}",
+                "--enable-scheme=pytorchjob",
+                f"--metrics-bind-address=127.0.0.1:{self.ports['to-metrics']}",
+                f"--health-probe-bind-address=127.0.0.1:{self.ports['to-health']}",
+                f"--webhook-server-port={self.ports['to-webhook']}",
+                "--leader-elect=false",
+                "--controller-threads=4",
+                "--kube-api-qps=100",
+                "--kube-api-burst=200",
+            ],
+            self.logs_dir / "training-operator.log",
+            env=env,
+        )
+        self.procs[TRAINING_OPERATOR] = proc
+        proc.start()
+        self._wait_ready(TRAINING_OPERATOR)
+
+    def install_pytorchjob_crd(self) -> None:
+        """Install the PyTorchJob CRD server-side (it is too big for client-side apply) and wait for it."""
+        if not self.pytorchjob_crd.exists():
+            raise BuildError(f"{self.pytorchjob_crd} missing: run tests/cluster/build")
+        self.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(self.pytorchjob_crd))
+        self.kubectl("wait", "--for=condition=Established", f"crd/{PYTORCHJOB_CRD}", "--timeout=60s")
+
+    # --- readiness -------------------------------------------------------------------------------
+
+    def _wait_ready(self, name: str) -> None:
+        proc = self.procs[name]
+        if name == "etcd":
+            url = f"http://127.0.0.1:{self.ports['etcd-client']}/health"
+            proc.wait_until(lambda: _http_ok(url), 30, "etcd /health")
+        elif name == "apiserver":
+            ctx = self._admin_ssl_context()
+            proc.wait_until(lambda: _http_ok(f"{self.server}/readyz", ctx), 90, "/readyz")
+        elif name in (SCHEDULER, CONTROLLER_MANAGER):
+            ctx = ssl.create_default_context()
+            ctx.check_hostname = False
+            ctx.verify_mode = ssl.CERT_NONE  # self-signed serving cert; this is only a health probe
+            url = f"https://127.0.0.1:{self.ports[name]}/healthz"
+            proc.wait_until(lambda: _http_ok(url, ctx), 60, "/healthz")
+        elif name == KWOK:
+            url = f"http://127.0.0.1:{self.ports[KWOK]}/healthz"
+            proc.wait_until(lambda: _http_ok(url), 60, "/healthz")
+        elif name == TRAINING_OPERATOR:
+            url = f"http://127.0.0.1:{self.ports['to-health']}/readyz"
+            proc.wait_until(lambda: _http_ok(url), 90, "/readyz")
+        else:
+            raise ValueError(name)
+
+    def _wait_nodes_ready(self, core: Any, names: list[str], timeout: float = 60) -> None:
+        def ready() -> bool:
+            for name in names:
+                node = core.read_node(name)
+                conds = {c.type: c.status for c in (node.status.conditions or [])}
+                if conds.get("Ready") != "True":
+                    return False
+            return True
+
+        self.procs[KWOK].wait_until(ready, timeout, f"nodes {names} Ready")
+
+    def _admin_ssl_context(self) -> ssl.SSLContext:
+        ctx = ssl.create_default_context(cafile=str(self.pki.ca_crt))
+        ctx.load_cert_chain(str(self.pki.admin_crt), str(self.pki.admin_key))
+        return ctx
+
+    # --- helpers ---------------------------------------------------------------------------------
+
+    def _run(
+        self,
+        tool: str,
+        args: Sequence[str],
+        kubeconfig: Path | None,
+        input: str | None,
+        check: bool,
+        timeout: float,
+    ) -> subprocess.CompletedProcess[str]:
+        argv = [self._bin(tool), *args]
+        proc = subprocess.run(
+            argv,
+            env=self.env(kubeconfig),
+            input=input,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
+        if check and proc.returncode != 0:
+            raise CommandError(proc.returncode, argv, proc.stdout, proc.stderr)
+        return proc
+
+    def _write_kubeconfig(self, path: Path, user: dict[str, str], namespace: str = "default") -> None:
+        config = {
+            "apiVersion": "v1",
+            "kind": "Config",
+            "clusters": [
+                {
+                    "name": "llavarun-test",
+                    "cluster": {"server": self.server, "certificate-authority-data": _b64(self.pki.ca_crt)},
+                }
+            ],
+            "users": [{"name": "user", "user": user}],
+            "contexts": [
+                {
+                    "name": "llavarun-test",
+                    "context": {"cluster": "llavarun-test", "user": "user", "namespace": namespace},
+                }
+            ],
+            "current-context": "llavarun-test",
+        }
+        path.write_text(json.dumps(config, indent=1))
+        path.chmod(0o600)
+
+
+def _b64(path: Path) -> str:
+    return base64.b64encode(path.read_bytes()).decode()
+
+
+def _http_ok(url: str, ctx: ssl.SSLContext | None = None) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=3, context=ctx) as resp:
+            return bool(resp.status == 200)
+    except OSError:
+        return False
+
+
+def wait_for(predicate: Any, timeout: float = 60, interval: float = 0.5, what: str = "condition") -> Any:
+    """Poll *predicate* until it returns something truthy; return that, or raise TimeoutError."""
+    deadline = time.monotonic() + timeout
+    last_exc: Exception | None = None
+    while time.monotonic() < deadline:
+        try:
+            value = predicate()
+            if value:
+                return value
+        except Exception as exc:
+            last_exc = exc
+        time.sleep(interval)
+    raise TimeoutError(
+        f"timed out after {timeout}s waiting for {what}" + (f" (last error: {last_exc})" if last_exc else "")
+    )

@@ -1,0 +1,164 @@
+"""Throw-away PKI for the test control plane.
+
+A single CA signs the apiserver serving certificate and the admin client
+certificate (CN=kubernetes-admin, O=system:masters, which bypasses RBAC). A
+separate key pair signs ServiceAccount tokens. EC P-256 keys keep generation
+instant; everything is valid for a day because no test cluster lives longer.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+_VALIDITY = dt.timedelta(days=1)
+
+
+@dataclass(frozen=True)
+class Pki:
+    """Paths of the generated files (all PEM)."""
+
+    dir: Path
+
+    @property
+    def ca_crt(self) -> Path:
+        return self.dir / "ca.crt"
+
+    @property
+    def ca_key(self) -> Path:
+        return self.dir / "ca.key"
+
+    @property
+    def apiserver_crt(self) -> Path:
+        return self.dir / "apiserver.crt"
+
+    @property
+    def apiserver_key(self) -> Path:
+        return self.dir / "apiserver.key"
+
+    @property
+    def admin_crt(self) -> Path:
+        return self.dir / "admin.crt"
+
+    @property
+    def admin_key(self) -> Path:
+        return self.dir / "admin.key"
+
+    @property
+    def sa_key(self) -> Path:
+        return self.dir / "sa.key"
+
+    @property
+    def sa_pub(self) -> Path:
+        return self.dir / "sa.pub"
+
+
+def _new_key() -> ec.EllipticCurvePrivateKey:
+    return ec.generate_private_key(ec.SECP256R1())
+
+
+def _write_key(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
+    path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    path.chmod(0o600)
+
+
+def _name(cn: str, org: str | None = None) -> x509.Name:
+    attrs = [x509.NameAttribute(NameOID.COMMON_NAME, cn)]
+    if org:
+        attrs.insert(0, x509.NameAttribute(NameOID.ORGANIZATION_NAME, org))
+    return x509.Name(attrs)
+
+
+def _builder(
+    subject: x509.Name, issuer: x509.Name, public_key: ec.EllipticCurvePublicKey
+) -> x509.CertificateBuilder:
+    now = dt.datetime.now(dt.UTC)
+    return (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(issuer)
+        .public_key(public_key)
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + _VALIDITY)
+    )
+
+
+def generate(directory: Path, service_ip: str = "10.96.0.1") -> Pki:
+    """Write CA, apiserver, admin and ServiceAccount key material into *directory*."""
+    directory.mkdir(parents=True, exist_ok=True)
+    pki = Pki(directory)
+
+    ca_key = _new_key()
+    ca_name = _name("llavarun-test-ca")
+    ca_cert = (
+        _builder(ca_name, ca_name, ca_key.public_key())
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                key_cert_sign=True,
+                crl_sign=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    _write_key(pki.ca_key, ca_key)
+    pki.ca_crt.write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
+
+    def leaf(cn: str, org: str | None, usage: x509.ObjectIdentifier, sans: list[x509.GeneralName]) -> tuple:
+        key = _new_key()
+        builder = (
+            _builder(_name(cn, org), ca_name, key.public_key())
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+        )
+        if sans:
+            builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
+        return key, builder.sign(ca_key, hashes.SHA256())
+
+    dns = [
+        "localhost",
+        "kubernetes",
+        "kubernetes.default",
+        "kubernetes.default.svc",
+        "kubernetes.default.svc.cluster.local",
+    ]
+    sans: list[x509.GeneralName] = [x509.DNSName(d) for d in dns]
+    sans += [x509.IPAddress(ipaddress.ip_address(ip)) for ip in ("127.0.0.1", service_ip)]
+    key, cert = leaf("kube-apiserver", None, ExtendedKeyUsageOID.SERVER_AUTH, sans)
+    _write_key(pki.apiserver_key, key)
+    pki.apiserver_crt.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+
+    key, cert = leaf("kubernetes-admin", "system:masters", ExtendedKeyUsageOID.CLIENT_AUTH, [])
+    _write_key(pki.admin_key, key)
+    pki.admin_crt.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+
+    sa_key = _new_key()
+    _write_key(pki.sa_key, sa_key)
+    pki.sa_pub.write_bytes(
+        sa_key.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+    )
+    return pki
