@@ -7,6 +7,7 @@ name the object, the field path, the offending value and what is allowed.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -51,7 +52,9 @@ def problems(document: dict[str, Any]) -> list[Problem]:
     if not isinstance(document, dict):
         return [Problem("(document)", "must be a mapping (a Kubernetes object)")]
     try:
-        LlavaRun.model_validate(document)
+        # Strict JSON-mode validation gives the apiserver's typing: "3" is not an integer,
+        # 3 is a valid number, enum values are plain strings.
+        LlavaRun.model_validate_json(json.dumps(document), strict=True)
     except ValidationError as err:
         found = []
         for e in err.errors():
@@ -75,4 +78,4 @@ def load_run(document: dict[str, Any]) -> LlavaRun:
     found = problems(document)
     if found:
         raise ValueError(f"{describe(document)} is invalid:\n" + "\n".join(f"  {p}" for p in found))
-    return LlavaRun.model_validate(document)
+    return LlavaRun.model_validate_json(json.dumps(document), strict=True)

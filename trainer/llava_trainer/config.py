@@ -13,9 +13,8 @@ import os
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
-
 from llava_operator.api.mmmu import SUBJECTS
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 OUTPUT_DIRS = {
     "prepare": "prepare",

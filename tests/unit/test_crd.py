@@ -1,0 +1,78 @@
+"""The committed CRD is exactly what the API models generate, and it is structural."""
+
+from __future__ import annotations
+
+from llava_operator.api.crd import generate_crd
+from llava_operator.yamlio import dump
+
+from tests.helpers import ROOT, load_yaml
+
+
+def test_committed_crd_matches_generated():
+    committed = (ROOT / "crds" / "llavarun.yaml").read_text()
+    assert committed == dump(generate_crd()), (
+        "crds/llavarun.yaml is stale: run `llavarun crd > crds/llavarun.yaml`"
+    )
+
+
+def _walk(node, path="$"):
+    yield path, node
+    for key, child in (node.get("properties") or {}).items():
+        yield from _walk(child, f"{path}.{key}")
+    if isinstance(node.get("items"), dict):
+        yield from _walk(node["items"], f"{path}[]")
+    if isinstance(node.get("additionalProperties"), dict):
+        yield from _walk(node["additionalProperties"], f"{path}{{}}")
+
+
+def test_schema_is_structural():
+    schema = generate_crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    for path, node in _walk(schema):
+        assert "type" in node, f"{path} has no type"
+        assert not {"$ref", "anyOf", "oneOf", "allOf", "title", "const"} & node.keys(), path
+        for bound in ("exclusiveMinimum", "exclusiveMaximum"):
+            assert isinstance(node.get(bound, False), bool), path
+
+
+def test_crd_names_and_columns():
+    crd = load_yaml(ROOT / "crds" / "llavarun.yaml")
+    names = crd["spec"]["names"]
+    assert (crd["spec"]["group"], names["kind"], names["plural"]) == ("llavarun.io", "LlavaRun", "llavaruns")
+    assert names["shortNames"] == ["lrun"] and names["categories"] == ["llava"]
+    version = crd["spec"]["versions"][0]
+    assert version["name"] == "v1alpha1" and version["subresources"] == {"status": {}}
+    default_columns = [c["name"] for c in version["additionalPrinterColumns"] if not c.get("priority")]
+    assert default_columns == ["Stage", "Progress", "Loss", "MMMU", "Succeeded", "Age"]
+
+
+def test_recipe_defaults_are_in_the_schema():
+    spec = generate_crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
+    pretrain = spec["properties"]["pretrain"]["properties"]
+    finetune = spec["properties"]["finetune"]["properties"]
+    assert pretrain["learningRate"]["default"] == 1e-3 and pretrain["globalBatchSize"]["default"] == 256
+    assert pretrain["zeroStage"]["default"] == 2 and pretrain["template"]["default"] == "plain"
+    assert finetune["learningRate"]["default"] == 2e-5 and finetune["globalBatchSize"]["default"] == 128
+    assert finetune["zeroStage"]["default"] == 3 and finetune["imageAspectRatio"]["default"] == "pad"
+    assert spec["properties"]["stages"]["default"] == ["prepare", "pretrain", "finetune", "evaluate"]
+    # Nested objects default to {} so the apiserver also fills their fields' defaults.
+    assert spec["properties"]["pretrain"]["default"] == {}
+    assert spec["properties"]["pretrain"]["properties"]["resources"]["default"] == {}
+
+
+def test_every_status_writer_field_is_declared():
+    status = generate_crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["status"]
+    props = status["properties"]
+    assert {
+        "phase",
+        "stage",
+        "stages",
+        "conditions",
+        "observedGeneration",
+        "progress",
+        "results",
+    } <= props.keys()
+    progress = props["progress"]["properties"]
+    assert {"step", "totalSteps", "loss", "samplesPerSecond", "tokensPerSecond", "mfu", "mfuFlagperf"} <= (
+        progress.keys()
+    )
+    assert props["conditions"]["x-kubernetes-list-map-keys"] == ["type"]
