@@ -1,0 +1,256 @@
+"""FLOP accounting, MFU, throughput and the training log (TensorBoard + JSON lines).
+
+Two MFU conventions are reported side by side (DESIGN §6, reference/performance.md §3):
+
+- ours: model FLOPs actually needed per sample, on real (unpadded) tokens. LLM dense matmuls
+  4·N·T in pretrain (frozen LLM: forward 2N plus the activation-gradient backward 2N that the
+  projector's gradients need) or 6·N·T in finetune; attention QKᵀ and AV 12·T²·d·L (forward and
+  backward, both stages); the CLIP forward for every image; the trained projector 6·N_proj per
+  image token. Gradient-checkpoint recomputation is not counted (that would be HFU).
+- FlagPerf's: 2·N (pretrain) or 6·N (finetune) per *padded* token, N the nominal LLM size
+  (7e9, 13e9), nothing else; so numbers compare with the published FlagPerf tables.
+
+N here counts the LLM's matmul weights: every linear layer plus the LM head, not the input
+embedding (a lookup) or the norms. This module is plain Python at import time (torch and
+tensorboard load lazily) so bench/gpu_step.py can use it without DeepSpeed or pydantic.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+Stage = Literal["pretrain", "finetune"]
+
+PEAK_TFLOPS_BY_DEVICE: list[tuple[tuple[str, ...], float]] = [
+    # (all substrings of the upper-cased device name, dense bf16 TFLOP/s); first match wins.
+    (("H100", "PCIE"), 756.0),
+    (("H100", "NVL"), 835.0),
+    (("H100",), 989.4),  # SXM ("NVIDIA H100 80GB HBM3")
+    (("H800", "PCIE"), 756.0),
+    (("H800",), 989.4),
+    (("H200",), 989.4),
+    (("H20",), 148.0),
+    (("A100",), 312.0),
+    (("A800",), 312.0),
+]
+"""Vendor datasheet peaks; anything else needs `--peak-tflops` or LLAVARUN_PEAK_TFLOPS."""
+
+
+@dataclass(frozen=True)
+class LlavaShape:
+    """The dimensions FLOP counting needs, from a LlavaConfig (or any config shaped like one)."""
+
+    hidden: int
+    layers: int
+    intermediate: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    vision_hidden: int
+    vision_layers: int
+    vision_intermediate: int
+    image_size: int
+    patch_size: int
+    channels: int = 3
+    feature_layers: int = 1
+
+    @classmethod
+    def from_config(cls, config: Any) -> LlavaShape:
+        text, vision = config.text_config, config.vision_config
+        heads = text.num_attention_heads
+        layer = getattr(config, "vision_feature_layer", -2)
+        return cls(
+            hidden=text.hidden_size,
+            layers=text.num_hidden_layers,
+            intermediate=text.intermediate_size,
+            heads=heads,
+            kv_heads=getattr(text, "num_key_value_heads", None) or heads,
+            head_dim=getattr(text, "head_dim", None) or text.hidden_size // heads,
+            vocab=text.vocab_size,
+            vision_hidden=vision.hidden_size,
+            vision_layers=vision.num_hidden_layers,
+            vision_intermediate=vision.intermediate_size,
+            image_size=vision.image_size,
+            patch_size=vision.patch_size,
+            channels=getattr(vision, "num_channels", 3),
+            feature_layers=1 if isinstance(layer, int) else len(layer),
+        )
+
+    @property
+    def image_tokens(self) -> int:
+        """LLM tokens per image: one per patch (CLS dropped, 'default' select strategy)."""
+        return (self.image_size // self.patch_size) ** 2
+
+    @property
+    def llm_matmul_params(self) -> int:
+        """N: attention and MLP weights of every layer plus the LM head."""
+        q_out = self.heads * self.head_dim
+        kv_out = self.kv_heads * self.head_dim
+        attention = self.hidden * (q_out + 2 * kv_out) + q_out * self.hidden
+        mlp = 3 * self.hidden * self.intermediate  # gate, up, down (SwiGLU)
+        return self.layers * (attention + mlp) + self.hidden * self.vocab
+
+    @property
+    def llm_params(self) -> int:
+        """All LLM parameters (adds the input embedding and the RMSNorm weights)."""
+        return self.llm_matmul_params + self.vocab * self.hidden + (2 * self.layers + 1) * self.hidden
+
+    @property
+    def projector_params(self) -> int:
+        d_in = self.vision_hidden * self.feature_layers
+        return d_in * self.hidden + self.hidden + self.hidden * self.hidden + self.hidden
+
+    def clip_forward_flops(self) -> float:
+        """One image through CLIP: patch embedding, every encoder layer's matmuls and attention."""
+        tokens = self.image_tokens + 1  # + CLS
+        d, ffn = self.vision_hidden, self.vision_intermediate
+        patch_embed = 2 * self.channels * self.patch_size**2 * d * self.image_tokens
+        layer_matmuls = 2 * (4 * d * d + 2 * d * ffn) * tokens
+        attention = 4 * tokens**2 * d
+        return patch_embed + self.vision_layers * (layer_matmuls + attention)
+
+
+def flagperf_params(llm_params: int) -> float:
+    """FlagPerf's fixed N: the LLM size rounded to whole billions (6.74e9 -> 7e9, 13.0e9 -> 13e9),
+    as its case hard-codes 7e9 / 13e9; exact below one billion (tiny test models)."""
+    return float(round(llm_params / 1e9) * 1e9) if llm_params >= 1e9 else float(llm_params)
+
+
+def sample_flops(shape: LlavaShape, stage: Stage, tokens: int, images: int) -> float:
+    """Model FLOPs of one training sample of `tokens` real LLM tokens (images included) (ours)."""
+    dense = (4 if stage == "pretrain" else 6) * shape.llm_matmul_params * tokens
+    attention = 12 * tokens**2 * shape.hidden * shape.layers
+    vision = images * (shape.clip_forward_flops() + 6 * shape.projector_params * shape.image_tokens)
+    return float(dense + attention + vision)
+
+
+def batch_flops(shape: LlavaShape, stage: Stage, sample_tokens: list[int], images: int) -> float:
+    """Model FLOPs of a micro-batch: per-sample LLM terms (attention is quadratic per sample)."""
+    llm = sum(sample_flops(shape, stage, t, 0) for t in sample_tokens)
+    return llm + sample_flops(shape, stage, 0, images)
+
+
+def flagperf_flops(shape: LlavaShape, stage: Stage, padded_tokens: int) -> float:
+    """FlagPerf's model FLOPs: 2N (pretrain) or 6N (finetune) per padded token."""
+    return (2 if stage == "pretrain" else 6) * flagperf_params(shape.llm_params) * padded_tokens
+
+
+def peak_tflops_for(device_name: str) -> float | None:
+    name = device_name.upper()
+    for parts, peak in PEAK_TFLOPS_BY_DEVICE:
+        if all(p in name for p in parts):
+            return peak
+    return None
+
+
+def resolve_peak_tflops(configured: float, device_type: str, device_name: str) -> tuple[float | None, str]:
+    """Per-device peak TFLOP/s for MFU and where it came from: the flag, LLAVARUN_PEAK_TFLOPS,
+    the device-name table, else None (always None on CPU unless given explicitly)."""
+    if configured > 0:
+        return configured, "--peak-tflops"
+    env = os.environ.get("LLAVARUN_PEAK_TFLOPS", "")
+    if env:
+        try:
+            if float(env) > 0:
+                return float(env), "LLAVARUN_PEAK_TFLOPS"
+        except ValueError:
+            print(f"llava-trainer: ignoring LLAVARUN_PEAK_TFLOPS={env!r} (not a number)", file=sys.stderr)
+    if device_type == "cpu":
+        return None, "unknown (CPU)"
+    peak = peak_tflops_for(device_name)
+    return (peak, f"table ({device_name})") if peak else (None, f"unknown device {device_name!r}")
+
+
+def mfu_percent(flops: float, seconds: float, devices: int, peak_tflops: float | None) -> float | None:
+    if not peak_tflops or seconds <= 0 or devices <= 0:
+        return None
+    return 100.0 * flops / (seconds * devices * peak_tflops * 1e12)
+
+
+@dataclass
+class Throughput:
+    """Counters summed over all ranks for a window of steps; turned into rates and MFU."""
+
+    samples: int = 0
+    real_tokens: int = 0
+    padded_tokens: int = 0
+    images: int = 0
+    flops: float = 0.0
+    flagperf_flops: float = 0.0
+
+    def add(self, other: Throughput) -> None:
+        for name in self.__dataclass_fields__:
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+
+    def as_list(self) -> list[float]:
+        return [float(getattr(self, n)) for n in self.__dataclass_fields__]
+
+    @classmethod
+    def from_list(cls, values: list[float]) -> Throughput:
+        names = list(cls.__dataclass_fields__)
+        return cls(
+            **{n: (v if n.endswith("flops") else round(v)) for n, v in zip(names, values, strict=True)}
+        )
+
+    def rates(self, seconds: float, devices: int, peak_tflops: float | None) -> dict[str, float | None]:
+        seconds = max(seconds, 1e-9)
+        return {
+            "samples_per_second": self.samples / seconds,
+            "tokens_per_second": self.real_tokens / seconds,
+            "padded_tokens_per_second": self.padded_tokens / seconds,
+            "tokens_per_second_per_device": self.real_tokens / seconds / devices,
+            "padded_tokens_per_second_per_device": self.padded_tokens / seconds / devices,
+            "tflops_per_device": self.flops / seconds / devices / 1e12,
+            "mfu": mfu_percent(self.flops, seconds, devices, peak_tflops),
+            "mfu_flagperf": mfu_percent(self.flagperf_flops, seconds, devices, peak_tflops),
+        }
+
+
+class TrainingLog:
+    """Rank 0's log: one JSON object per line on stdout, and TensorBoard scalars."""
+
+    def __init__(self, tensorboard_dir: Path | None, *, stage: str, enabled: bool = True) -> None:
+        self.stage, self.enabled = stage, enabled
+        self._writer = None
+        if enabled and tensorboard_dir is not None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._writer = SummaryWriter(log_dir=str(tensorboard_dir))
+
+    def event(self, event: str, **fields: Any) -> None:
+        """A JSON line: {"event": ..., "stage": ..., "time": ..., **fields}."""
+        if not self.enabled:
+            return
+        record = {"event": event, "stage": self.stage, "time": round(time.time(), 3), **fields}
+        print(json.dumps(_finite(record), default=str, allow_nan=False), flush=True)
+
+    def scalars(self, step: int, values: dict[str, float | None]) -> None:
+        if self._writer is None:
+            return
+        for name, value in values.items():
+            if value is not None and math.isfinite(value):
+                self._writer.add_scalar(f"{self.stage}/{name}", value, step)
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.flush()
+            self._writer.close()
+
+
+def _finite(value: Any) -> Any:
+    """NaN/inf as null: JSON has no NaN, and a diverged loss must still be logged."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value
