@@ -1,0 +1,1 @@
+"""`llavarun local`: a LlavaRun's stages as processes on this machine."""

@@ -1,0 +1,277 @@
+"""Run a LlavaRun's stages on this machine, as the operator would on a cluster.
+
+Each stage runs the same `llava-trainer` command its PyTorchJob would run, under torchrun with
+the stage's processes on this host. The status document the cluster would hold is kept in a
+JSON file: this runner writes the operator's part (phase, stage, stages, conditions) between
+stage processes, the trainer writes progress and results while it runs, so the two never write
+at the same time. A rerun skips finished stages and the trainer resumes the running one from
+its newest checkpoint, as a retried PyTorchJob does.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+from ..api import LlavaRun, Stage
+from ..api.spec import PrepareResources
+from ..naming import job_name
+from ..trainer_command import trainer_args
+
+STATUS_FILE = "llavarun-status.json"
+INTERRUPTED_EXIT = 130
+
+
+def now() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def processes(run: LlavaRun, stage: Stage) -> int:
+    res = run.spec.stage_config(stage).resources
+    return 1 if isinstance(res, PrepareResources) else res.nodes * res.gpus_per_node
+
+
+def stage_command(run: LlavaRun, stage: Stage, data_dir: Path) -> list[str]:
+    """The stage's trainer command for this host: torchrun --standalone with all its processes."""
+    args = trainer_args(run.spec, stage, data_dir_override=str(data_dir))
+    if stage is Stage.PREPARE:
+        return [sys.executable, "-m", "llava_trainer", *args]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={processes(run, stage)}",
+        "-m",
+        "llava_trainer",
+        *args,
+    ]
+
+
+def stage_env(run: LlavaRun, stage: Stage, attempt: int, status_file: Path) -> dict[str, str]:
+    profile = run.spec.accelerator.resolved()
+    env = dict(os.environ)
+    env.update(profile.env)
+    env.update({e.name: e.value for e in run.spec.placement.env})
+    env.update(
+        {
+            "LLAVARUN_STATUS_FILE": str(status_file),
+            "LLAVARUN_STAGE": stage.value,
+            "LLAVARUN_ATTEMPT": str(attempt),
+            "LLAVARUN_JOB": job_name(run.name, stage, attempt),
+            "LLAVARUN_DIST_BACKEND": profile.backend,
+            "HF_HUB_OFFLINE": "1",
+            "TRANSFORMERS_OFFLINE": "1",
+            "PYTHONUNBUFFERED": "1",
+            "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // processes(run, stage))),
+        }
+    )
+    if run.spec.accelerator.peak_tflops:
+        env["LLAVARUN_PEAK_TFLOPS"] = str(profile.peak_tflops)
+    # Locally the status goes to the file only, never to a cluster the shell happens to point at.
+    for key in ("LLAVARUN_NAME", "LLAVARUN_NAMESPACE", "LLAVARUN_KUBECONFIG"):
+        env.pop(key, None)
+    return env
+
+
+@dataclass
+class StatusFile:
+    """The run's status document; the runner's writes are whole-file atomic replaces."""
+
+    path: Path
+
+    def read(self) -> dict[str, Any]:
+        try:
+            return json.loads(self.path.read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            return {}
+
+    def update(self, mutate: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
+        status = self.read()
+        mutate(status)
+        tmp = self.path.with_name(f".{self.path.name}.runner")
+        tmp.write_text(json.dumps(status, indent=2, sort_keys=True))
+        os.replace(tmp, self.path)
+        return status
+
+
+def set_condition(status: dict[str, Any], type_: str, value: str, reason: str, message: str = "") -> None:
+    conditions = status.setdefault("conditions", [])
+    existing = next((c for c in conditions if c["type"] == type_), None)
+    if existing and existing["status"] == value and existing["reason"] == reason:
+        existing["message"] = message
+        return
+    entry = {
+        "type": type_,
+        "status": value,
+        "reason": reason,
+        "message": message,
+        "lastTransitionTime": now(),
+    }
+    if existing:
+        conditions[conditions.index(existing)] = entry
+    else:
+        conditions.append(entry)
+
+
+@dataclass
+class StageOutcome:
+    stage: Stage
+    succeeded: bool
+    attempts: int
+    seconds: float
+    log: Path
+
+
+@dataclass
+class LocalRun:
+    """One `llavarun local` invocation."""
+
+    run: LlavaRun
+    data_dir: Path
+    on_line: Callable[[Stage, str], None] = lambda stage, line: None
+    on_tick: Callable[[], None] = lambda: None
+    outcomes: list[StageOutcome] = field(default_factory=list)
+    _interrupted: bool = False
+
+    @property
+    def output_root(self) -> Path:
+        return self.data_dir / self.run.spec.paths.output
+
+    @property
+    def status(self) -> StatusFile:
+        return StatusFile(self.output_root / STATUS_FILE)
+
+    def logs_dir(self) -> Path:
+        return self.output_root / "logs"
+
+    def execute(self) -> int:
+        """Run every stage not yet finished; 0 on success, 1 on failure, 130 when interrupted."""
+        self.logs_dir().mkdir(parents=True, exist_ok=True)
+        self.status.update(self._start)
+        for stage in self.run.spec.stages:
+            done = (self.status.read().get("stages") or {}).get(stage.value, {})
+            if done.get("phase") == "Succeeded":
+                continue
+            outcome = self._run_stage(stage, first_attempt=int(done.get("attempts", 0)))
+            self.outcomes.append(outcome)
+            if self._interrupted:
+                return INTERRUPTED_EXIT
+            if not outcome.succeeded:
+                return 1
+        self.status.update(self._finish)
+        return 0
+
+    def _start(self, status: dict[str, Any]) -> None:
+        status["observedGeneration"] = self.run.metadata.generation or 1
+        if status.get("phase") != "Succeeded":
+            status["phase"] = "Running"
+        status.pop("currentJob", None)
+        set_condition(status, "Failed", "False", "Running")
+        set_condition(status, "Succeeded", "Unknown", "Running")
+
+    def _finish(self, status: dict[str, Any]) -> None:
+        status["phase"] = "Succeeded"
+        set_condition(status, "Succeeded", "True", "AllStagesSucceeded", "every stage finished")
+
+    def _run_stage(self, stage: Stage, first_attempt: int) -> StageOutcome:
+        retries = self.run.spec.retries
+        started = time.monotonic()
+        attempt = max(0, first_attempt - 1) if first_attempt else 0
+        while True:
+            log = self.logs_dir() / f"{job_name(self.run.name, stage, attempt)}.log"
+
+            def begin(status: dict[str, Any], attempt: int = attempt) -> None:
+                status["stage"] = stage.value
+                status["currentJob"] = job_name(self.run.name, stage, attempt)
+                entry = status.setdefault("stages", {}).setdefault(stage.value, {})
+                entry.update(phase="Running", job=status["currentJob"], attempts=attempt + 1)
+                entry.setdefault("startTime", now())
+                status.pop("progress", None)
+
+            self.status.update(begin)
+            code = self._spawn(stage, attempt, log)
+            if code == 0:
+                self.status.update(partial(_end_stage, stage=stage, phase="Succeeded", message=None))
+                return StageOutcome(stage, True, attempt + 1, time.monotonic() - started, log)
+            message = f"local job {job_name(self.run.name, stage, attempt)} exited {code}; log: {log}"
+            final = self._interrupted or attempt >= retries
+            mark = _interrupted if self._interrupted else _failed if final else _retrying
+            self.status.update(partial(mark, stage=stage, message=message))
+            if final:
+                return StageOutcome(stage, False, attempt + 1, time.monotonic() - started, log)
+            attempt += 1
+
+    def _spawn(self, stage: Stage, attempt: int, log: Path) -> int:
+        command = stage_command(self.run, stage, self.data_dir)
+        env = stage_env(self.run, stage, attempt, self.status.path)
+        with log.open("a") as sink:
+            sink.write(f"$ {' '.join(command)}\n")
+            sink.flush()
+            proc = subprocess.Popen(
+                command,
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+                bufsize=1,
+                start_new_session=True,  # Ctrl-C reaches us only; we stop the stage ourselves
+            )
+            previous = signal.signal(signal.SIGINT, lambda *_: self._interrupt(proc))
+            try:
+                assert proc.stdout is not None
+                for line in proc.stdout:
+                    sink.write(line)
+                    self.on_line(stage, line.rstrip("\n"))
+                    self.on_tick()
+                return proc.wait()
+            finally:
+                signal.signal(signal.SIGINT, previous)
+
+    def _interrupt(self, proc: subprocess.Popen[str]) -> None:
+        """First Ctrl-C: SIGTERM the stage (the trainer checkpoints if it can); second: kill."""
+        if self._interrupted:
+            os.killpg(proc.pid, signal.SIGKILL)
+            return
+        self._interrupted = True
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+
+
+def _end_stage(status: dict[str, Any], stage: Stage, phase: str, message: str | None) -> None:
+    entry = status.setdefault("stages", {}).setdefault(stage.value, {})
+    entry.update(phase=phase, completionTime=now())
+    if message:
+        entry["message"] = message
+    else:
+        entry.pop("message", None)
+
+
+def _failed(status: dict[str, Any], stage: Stage, message: str) -> None:
+    _end_stage(status, stage, "Failed", message)
+    status["phase"] = "Failed"
+    set_condition(status, "Failed", "True", "RetriesExhausted", f"stage {stage.value}: {message}")
+    set_condition(status, "Succeeded", "False", "StageFailed", f"stage {stage.value} failed")
+
+
+def _retrying(status: dict[str, Any], stage: Stage, message: str) -> None:
+    entry = status.setdefault("stages", {}).setdefault(stage.value, {})
+    entry.update(phase="Retrying", message=message)
+
+
+def _interrupted(status: dict[str, Any], stage: Stage, message: str) -> None:
+    entry = status.setdefault("stages", {}).setdefault(stage.value, {})
+    entry.update(phase="Suspended", message=f"interrupted; rerun to resume ({message})")
+    status["phase"] = "Suspended"
+    set_condition(status, "Suspended", "True", "Interrupted", "stopped by Ctrl-C; rerun to resume")
