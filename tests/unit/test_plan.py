@@ -1,0 +1,638 @@
+"""plan(): every transition of a LlavaRun, driven through an in-memory apiserver.
+
+`World` holds the run and its child jobs the way the apiserver would after each plan is applied
+(create = 409 when the name exists, JSON merge patches), and plays the training-operator by
+setting a child's conditions. Tests read as: apply a run, move a job, look at what the operator did.
+"""
+
+from __future__ import annotations
+
+import copy
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+from llava_operator.api.spec import MAX_RUN_NAME_LENGTH
+from llava_operator.backend import SUSPEND_ANNOTATION
+from llava_operator.naming import job_name
+from llava_operator.plan import (
+    REASON_BACKOFF_LIMIT,
+    REASON_INVALID_SPEC,
+    REASON_STAGE_FAILED,
+    Plan,
+    plan,
+)
+
+T0 = datetime(2026, 11, 26, 12, 0, 0, tzinfo=UTC)
+
+
+def merge_patch(target: Any, patch: Any) -> Any:
+    """RFC 7386, as the apiserver applies `application/merge-patch+json`."""
+    if not isinstance(patch, dict):
+        return copy.deepcopy(patch)
+    out = dict(target) if isinstance(target, dict) else {}
+    for key, value in patch.items():
+        if value is None:
+            out.pop(key, None)
+        else:
+            out[key] = merge_patch(out.get(key), value)
+    return out
+
+
+def run_body(name: str = "r1", uid: str = "uid-1", **spec: Any) -> dict[str, Any]:
+    return {
+        "apiVersion": "llavarun.io/v1alpha1",
+        "kind": "LlavaRun",
+        "metadata": {"name": name, "namespace": "ns", "uid": uid, "generation": 1},
+        "spec": {"image": "img:1", "storage": {"data": {"source": {"emptyDir": {}}}}, **spec},
+    }
+
+
+class World:
+    """The apiserver as the operator sees it, plus a hand on the training-operator."""
+
+    def __init__(self, body: dict[str, Any]) -> None:
+        self.run = body
+        self.jobs: dict[str, dict[str, Any]] = {}
+        self.rbac: dict[tuple[str, str], dict[str, Any]] = {}
+        self.events: list[tuple[str, str, str]] = []
+        self.now = T0
+        self.creates = 0
+
+    # --- the operator side -----------------------------------------------------------------------
+
+    def plan(self, children: list[dict[str, Any]] | None = None, pods: Any = None) -> Plan:
+        seen = list(self.jobs.values()) if children is None else children
+        return plan(copy.deepcopy(self.run), copy.deepcopy(seen), self.now, pods=pods)
+
+    def apply(self, p: Plan) -> Plan:
+        for obj in p.create:
+            self.creates += 1
+            if obj["kind"] == "PyTorchJob":
+                self.jobs.setdefault(obj["metadata"]["name"], copy.deepcopy(obj))
+            else:
+                self.rbac.setdefault((obj["kind"], obj["metadata"]["name"]), obj)
+        for name, patch in p.patch:
+            self.jobs[name] = merge_patch(self.jobs[name], patch)
+        for name in p.delete:
+            self.jobs.pop(name, None)
+        if p.status:
+            self.run["status"] = merge_patch(self.run.get("status") or {}, p.status)
+        self.events += [(e.type, e.reason, e.message) for e in p.events]
+        return p
+
+    def reconcile(self, pods: Any = None) -> Plan:
+        p = self.plan(pods=pods)
+        if p.wants_pods and pods is None:
+            p = self.plan(pods={name: [] for name in p.wants_pods})
+        return self.apply(p)
+
+    def settle(self) -> None:
+        """Reconcile until nothing changes (what the watch + resync do)."""
+        for _ in range(10):
+            if not self.reconcile().status and not self.plan().create:
+                return
+        raise AssertionError("the plan does not converge")
+
+    # --- the training-operator side --------------------------------------------------------------
+
+    def finish(self, name: str, outcome: str = "Succeeded", minutes: int = 10, **status: Any) -> None:
+        self.now += timedelta(minutes=minutes)
+        job = self.jobs[name]
+        job.setdefault("metadata", {}).setdefault("creationTimestamp", "2026-11-26T12:00:00Z")
+        job["status"] = {
+            "conditions": [
+                {"type": "Created", "status": "True"},
+                {"type": "Running", "status": "False"},
+                {
+                    "type": outcome,
+                    "status": "True",
+                    "reason": f"PyTorchJob{outcome}",
+                    "message": f"PyTorchJob ns/{name} is {outcome.lower()}.",
+                },
+            ],
+            "completionTime": self.now.strftime("%Y-%m-%dT%H:%M:%SZ"),
+            **status,
+        }
+
+    def running(self, name: str) -> None:
+        self.jobs[name]["status"] = {
+            "conditions": [{"type": "Created", "status": "True"}, {"type": "Running", "status": "True"}]
+        }
+
+    def kueue_suspends(self, name: str, suspend: bool = True) -> None:
+        self.jobs[name]["spec"]["runPolicy"]["suspend"] = suspend
+
+    # --- reading ---------------------------------------------------------------------------------
+
+    @property
+    def status(self) -> dict[str, Any]:
+        return self.run.get("status") or {}
+
+    def condition(self, ctype: str) -> dict[str, Any]:
+        return next(c for c in self.status["conditions"] if c["type"] == ctype)
+
+    def reasons(self) -> list[str]:
+        return [reason for _, reason, _ in self.events]
+
+
+# --- a new run -------------------------------------------------------------------------------------
+
+
+def test_new_run_creates_rbac_and_first_stage_owned_by_the_run() -> None:
+    w = World(run_body())
+    p = w.reconcile()
+    kinds = [o["kind"] for o in p.create]
+    assert kinds == ["ServiceAccount", "Role", "RoleBinding", "PyTorchJob"]
+    for obj in p.create:
+        (owner,) = obj["metadata"]["ownerReferences"]
+        assert owner == {
+            "apiVersion": "llavarun.io/v1alpha1",
+            "kind": "LlavaRun",
+            "name": "r1",
+            "uid": "uid-1",
+            "controller": True,
+            "blockOwnerDeletion": True,
+        }
+    assert p.create[-1]["metadata"]["name"] == "r1-prepare"
+    assert w.status["phase"] == "Pending"
+    assert w.status["stage"] == "prepare"
+    assert w.status["currentJob"] == "r1-prepare"
+    assert w.status["observedGeneration"] == 1
+    assert w.status["stages"] == {
+        "prepare": {
+            "phase": "Pending",
+            "job": "r1-prepare",
+            "attempts": 1,
+            "startTime": "2026-11-26T12:00:00Z",
+        }
+    }
+    assert {c["type"]: c["status"] for c in w.status["conditions"]} == {
+        "Succeeded": "Unknown",
+        "Failed": "False",
+        "Suspended": "False",
+        "Queued": "False",
+    }
+    assert w.reasons() == ["StageStarted"]
+
+
+def test_conditions_are_metav1_conditions() -> None:
+    w = World(run_body())
+    w.reconcile()
+    for cond in w.status["conditions"]:
+        assert set(cond) == {
+            "type",
+            "status",
+            "reason",
+            "message",
+            "lastTransitionTime",
+            "observedGeneration",
+        }
+        assert cond["reason"][0].isalpha()
+
+
+def test_a_converged_run_costs_nothing() -> None:
+    w = World(run_body())
+    w.reconcile()
+    again = w.plan()
+    assert (again.create, again.patch, again.delete, again.status, again.events) == ((), (), (), {}, ())
+
+
+def test_created_child_not_yet_observed_is_created_again_without_new_status_or_events() -> None:
+    """The watch lags our own create: re-issuing it is safe (409), and nothing is recorded twice."""
+    w = World(run_body())
+    w.reconcile()
+    p = w.plan(children=[])
+    assert [o["metadata"]["name"] for o in p.create if o["kind"] == "PyTorchJob"] == ["r1-prepare"]
+    assert p.status == {}
+    assert p.events == ()
+
+
+def test_running_child_makes_the_run_running() -> None:
+    w = World(run_body())
+    w.reconcile()
+    w.running("r1-prepare")
+    w.reconcile()
+    assert w.status["phase"] == "Running"
+    assert w.status["stages"]["prepare"]["phase"] == "Running"
+
+
+# --- advancing -------------------------------------------------------------------------------------
+
+
+def test_stages_run_in_order_and_each_is_recorded() -> None:
+    w = World(run_body())
+    w.reconcile()
+    order = []
+    for stage in ("prepare", "pretrain", "finetune", "evaluate"):
+        name = f"r1-{stage}"
+        assert w.status["currentJob"] == name
+        order.append(stage)
+        w.finish(name)
+        w.reconcile()
+    assert order == ["prepare", "pretrain", "finetune", "evaluate"]
+    assert w.status["phase"] == "Succeeded"
+    assert w.condition("Succeeded")["status"] == "True"
+    assert w.condition("Failed")["status"] == "False"
+    stages = w.status["stages"]
+    assert stages["pretrain"] == {
+        "phase": "Succeeded",
+        "job": "r1-pretrain",
+        "attempts": 1,
+        "startTime": "2026-11-26T12:10:00Z",
+        "completionTime": "2026-11-26T12:20:00Z",
+    }
+    assert w.reasons().count("StageStarted") == 4
+    assert w.reasons().count("StageSucceeded") == 4
+    assert w.reasons()[-1] == "RunSucceeded"
+
+
+def test_a_succeeded_run_stays_quiet() -> None:
+    w = World(run_body(stages=["pretrain"]))
+    w.reconcile()
+    w.finish("r1-pretrain")
+    w.reconcile()
+    events = len(w.events)
+    p = w.reconcile()
+    assert (p.create, p.status, len(w.events)) == ((), {}, events)
+
+
+def test_stage_durations_are_reported_once() -> None:
+    w = World(run_body(stages=["pretrain"]))
+    w.reconcile()
+    w.finish("r1-pretrain", minutes=30)
+    p = w.reconcile()
+    assert [(r.stage, r.result, r.seconds) for r in p.finished] == [("pretrain", "succeeded", 1800.0)]
+    assert w.reconcile().finished == ()
+
+
+def test_a_subset_of_stages_starts_with_its_first() -> None:
+    w = World(run_body(stages=["pretrain", "evaluate"]))
+    p = w.reconcile()
+    assert p.create[-1]["metadata"]["name"] == "r1-pretrain"
+    w.finish("r1-pretrain")
+    p = w.reconcile()
+    assert p.create[-1]["metadata"]["name"] == "r1-evaluate"
+
+
+def test_child_deleted_after_success_is_not_recreated() -> None:
+    """ttlSecondsAfterFinished or a user may delete a finished job: the record is what counts."""
+    w = World(run_body(stages=["prepare", "pretrain"]))
+    w.reconcile()
+    w.finish("r1-prepare")
+    w.reconcile()
+    del w.jobs["r1-prepare"]
+    p = w.reconcile()
+    assert [o["metadata"]["name"] for o in p.create if o["kind"] == "PyTorchJob"] == []
+    assert w.status["stages"]["prepare"]["phase"] == "Succeeded"
+
+
+# --- failures and retries --------------------------------------------------------------------------
+
+
+def test_failed_attempt_is_retried_with_the_attempt_number_in_the_name() -> None:
+    w = World(run_body(stages=["pretrain"], retries=2))
+    w.reconcile()
+    w.finish("r1-pretrain", "Failed", replicaStatuses={"Master": {"failed": 1}})
+    p = w.reconcile()
+    (job,) = [o for o in p.create if o["kind"] == "PyTorchJob"]
+    assert job["metadata"]["name"] == "r1-pretrain-r1"
+    assert job["metadata"]["labels"]["llavarun.io/attempt"] == "1"
+    rec = w.status["stages"]["pretrain"]
+    assert (rec["phase"], rec["job"], rec["attempts"]) == ("Retrying", "r1-pretrain-r1", 2)
+    assert "job r1-pretrain failed" in rec["message"]
+    assert "pod r1-pretrain-master-0" in rec["message"]
+    assert w.status["phase"] == "Running"
+    kind, reason, message = w.events[-1]
+    assert (kind, reason) == ("Warning", "StageRetrying")
+    assert "attempt 2 as job r1-pretrain-r1" in message
+
+
+def test_a_retry_that_runs_keeps_the_previous_failure_message() -> None:
+    w = World(run_body(stages=["pretrain"]))
+    w.reconcile()
+    w.finish("r1-pretrain", "Failed")
+    w.reconcile()
+    w.running("r1-pretrain-r1")
+    w.reconcile()
+    rec = w.status["stages"]["pretrain"]
+    assert rec["phase"] == "Running"
+    assert rec["message"].startswith("job r1-pretrain failed")
+
+
+def test_retries_exhausted_fail_the_run_with_a_reason_and_the_pod() -> None:
+    w = World(run_body(stages=["prepare", "pretrain"], retries=1))
+    w.reconcile()
+    w.finish("r1-prepare")
+    w.reconcile()
+    w.finish("r1-pretrain", "Failed")
+    w.reconcile()
+    w.finish("r1-pretrain-r1", "Failed")
+    pods = {
+        "r1-pretrain-r1": [
+            {
+                "metadata": {"name": "r1-pretrain-r1-worker-0"},
+                "status": {
+                    "phase": "Failed",
+                    "containerStatuses": [
+                        {"name": "pytorch", "state": {"terminated": {"exitCode": 137, "reason": "OOMKilled"}}}
+                    ],
+                },
+            }
+        ]
+    }
+    first = w.plan()
+    assert first.wants_pods == ("r1-pretrain-r1",)
+    w.apply(w.plan(pods=pods))
+    assert w.status["phase"] == "Failed"
+    failed = w.condition("Failed")
+    assert (failed["status"], failed["reason"]) == ("True", REASON_BACKOFF_LIMIT)
+    assert "job r1-pretrain-r1 failed" in failed["message"]
+    assert "pod r1-pretrain-r1-worker-0: exit code 137, OOMKilled" in failed["message"]
+    assert "kubectl logs -n ns r1-pretrain-r1-worker-0 -c pytorch" in failed["message"]
+    assert w.condition("Succeeded")["status"] == "False"
+    rec = w.status["stages"]["pretrain"]
+    assert (rec["phase"], rec["attempts"], rec["job"]) == ("Failed", 2, "r1-pretrain-r1")
+    assert w.events[-1][:2] == ("Warning", "StageFailed")
+    assert [r.result for r in w.reconcile().finished] == []
+
+
+def test_no_retries_fails_with_stage_failed() -> None:
+    w = World(run_body(stages=["pretrain"], retries=0))
+    w.reconcile()
+    w.finish("r1-pretrain", "Failed")
+    w.reconcile()
+    assert w.condition("Failed")["reason"] == REASON_STAGE_FAILED
+    assert "r1-pretrain-r1" not in w.jobs
+
+
+def test_failure_is_terminal_even_if_retries_are_raised_later() -> None:
+    w = World(run_body(stages=["pretrain"], retries=0))
+    w.reconcile()
+    w.finish("r1-pretrain", "Failed")
+    w.reconcile()
+    w.run["spec"]["retries"] = 5
+    w.run["metadata"]["generation"] = 2
+    p = w.reconcile()
+    assert p.create == ()
+    assert w.status["phase"] == "Failed"
+    assert w.status["observedGeneration"] == 2
+
+
+def test_retry_created_but_not_yet_observed_is_not_retried_twice() -> None:
+    w = World(run_body(stages=["pretrain"]))
+    w.reconcile()
+    w.finish("r1-pretrain", "Failed")
+    w.reconcile()
+    stale = [w.jobs["r1-pretrain"]]  # the watch has not delivered r1-pretrain-r1 yet
+    p = w.plan(children=stale)
+    assert [o["metadata"]["name"] for o in p.create if o["kind"] == "PyTorchJob"] == ["r1-pretrain-r1"]
+    assert p.status == {}
+    assert p.events == ()
+
+
+# --- suspend, resume and Kueue ---------------------------------------------------------------------
+
+
+def test_suspend_patches_only_the_current_child_and_only_once() -> None:
+    w = World(run_body(stages=["prepare", "pretrain"]))
+    w.reconcile()
+    w.finish("r1-prepare")
+    w.reconcile()
+    w.running("r1-pretrain")
+    w.run["spec"]["suspend"] = True
+    p = w.reconcile()
+    assert p.patch == (
+        (
+            "r1-pretrain",
+            {
+                "metadata": {"annotations": {SUSPEND_ANNOTATION: "true"}},
+                "spec": {"runPolicy": {"suspend": True}},
+            },
+        ),
+    )
+    assert w.status["phase"] == "Suspended"
+    assert w.condition("Suspended")["status"] == "True"
+    assert w.reasons()[-1] == "Suspended"
+    assert w.reconcile().patch == ()
+
+
+def test_resume_unsuspends_and_emits_resumed() -> None:
+    w = World(run_body(stages=["pretrain"], suspend=True))
+    w.reconcile()
+    assert w.jobs["r1-pretrain"]["spec"]["runPolicy"]["suspend"] is True
+    assert w.status["phase"] == "Suspended"
+    w.run["spec"]["suspend"] = False
+    p = w.reconcile()
+    assert p.patch[0][1]["spec"]["runPolicy"]["suspend"] is False
+    assert w.status["phase"] == "Pending"
+    assert w.condition("Suspended")["reason"] == "Resumed"
+    assert w.reasons()[-1] == "Resumed"
+
+
+def test_kueue_suspension_is_queued_and_never_overridden() -> None:
+    w = World(run_body(stages=["pretrain"]))
+    w.reconcile()
+    w.kueue_suspends("r1-pretrain")
+    p = w.reconcile()
+    assert p.patch == ()
+    assert w.status["phase"] == "Queued"
+    assert w.condition("Queued")["status"] == "True"
+    assert w.condition("Suspended")["status"] == "False"
+    assert w.reasons()[-1] == "Queued"
+    w.kueue_suspends("r1-pretrain", False)  # admitted
+    w.running("r1-pretrain")
+    p = w.reconcile()
+    assert p.patch == ()
+    assert w.status["phase"] == "Running"
+    assert w.condition("Queued")["reason"] == "Admitted"
+
+
+def test_kueue_preemption_after_a_user_resume_is_not_fought() -> None:
+    w = World(run_body(stages=["pretrain"], suspend=True))
+    w.reconcile()
+    w.run["spec"]["suspend"] = False
+    w.reconcile()
+    w.kueue_suspends("r1-pretrain")  # preempted later
+    p = w.reconcile()
+    assert p.patch == ()
+    assert w.status["phase"] == "Queued"
+
+
+def test_next_stage_of_a_suspended_run_is_created_suspended() -> None:
+    w = World(run_body(stages=["prepare", "pretrain"]))
+    w.reconcile()
+    w.run["spec"]["suspend"] = True
+    w.reconcile()
+    w.finish("r1-prepare")  # finished while being suspended
+    w.reconcile()
+    job = w.jobs["r1-pretrain"]
+    assert job["spec"]["runPolicy"]["suspend"] is True
+    assert job["metadata"]["annotations"][SUSPEND_ANNOTATION] == "true"
+    assert w.status["phase"] == "Suspended"
+
+
+# --- spec edits ------------------------------------------------------------------------------------
+
+
+def test_spec_edits_apply_to_stages_not_yet_started() -> None:
+    w = World(run_body(stages=["prepare", "pretrain"]))
+    w.reconcile()
+    w.run["spec"]["image"] = "img:2"
+    w.run["metadata"]["generation"] = 2
+    p = w.reconcile()
+    assert p.patch == () and p.create == ()
+    assert (
+        w.jobs["r1-prepare"]["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0][
+            "image"
+        ]
+        == "img:1"
+    )
+    w.finish("r1-prepare")
+    w.reconcile()
+    pretrain = w.jobs["r1-pretrain"]
+    assert (
+        pretrain["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0]["image"]
+        == "img:2"
+    )
+    assert pretrain["metadata"]["annotations"]["llavarun.io/generation"] == "2"
+
+
+def test_removing_the_running_stage_cancels_it() -> None:
+    w = World(run_body(stages=["prepare", "pretrain", "evaluate"]))
+    w.reconcile()
+    w.finish("r1-prepare")
+    w.reconcile()
+    w.running("r1-pretrain")
+    w.run["spec"]["stages"] = ["prepare", "evaluate"]
+    p = w.reconcile()
+    assert p.delete == ("r1-pretrain",)
+    assert "pretrain" not in w.status["stages"]
+    assert w.status["currentJob"] == "r1-evaluate"
+    assert "StageCancelled" in w.reasons()
+
+
+def test_a_stage_inserted_before_a_started_one_is_skipped() -> None:
+    w = World(run_body(stages=["pretrain", "evaluate"]))
+    w.reconcile()
+    w.run["spec"]["stages"] = ["prepare", "pretrain", "evaluate"]
+    p = w.reconcile()
+    assert p.create == ()
+    w.finish("r1-pretrain")
+    w.reconcile()
+    w.finish("r1-evaluate")
+    w.reconcile()
+    assert "r1-prepare" not in w.jobs
+    assert w.status["phase"] == "Succeeded"
+
+
+def test_invalid_spec_is_reported_and_recovers_when_fixed() -> None:
+    w = World(run_body(stages=["pretrain"]))
+    w.run["spec"]["pretrain"] = {"globalBatchSize": 100}  # not divisible by 32 x 8
+    p = w.reconcile()
+    assert p.create == ()
+    assert w.condition("Failed")["reason"] == REASON_INVALID_SPEC
+    assert "globalBatchSize" in w.condition("Failed")["message"]
+    assert w.reasons() == ["InvalidSpec"]
+    assert w.reconcile().events == ()
+    w.run["spec"]["pretrain"] = {"globalBatchSize": 256}
+    w.reconcile()
+    assert w.status["phase"] == "Pending"
+    assert w.condition("Failed")["status"] == "False"
+    assert "r1-pretrain" in w.jobs
+
+
+# --- ownership and status subtrees -----------------------------------------------------------------
+
+
+def test_children_of_a_previous_run_with_the_same_name_are_ignored() -> None:
+    w = World(run_body())
+    w.reconcile()
+    w.finish("r1-prepare")
+    w.run = run_body(uid="uid-2")  # deleted and re-created; the old job still awaits GC
+    p = w.reconcile()
+    assert p.create[-1]["metadata"]["name"] == "r1-prepare"
+    assert p.create[-1]["metadata"]["ownerReferences"][0]["uid"] == "uid-2"
+    assert w.status["stages"]["prepare"]["phase"] == "Pending"
+
+
+def test_trainer_subtree_is_never_written() -> None:
+    w = World(run_body(stages=["pretrain"]))
+    w.run["status"] = {"progress": {"step": 5, "loss": 1.5}, "results": {"pretrain": {"steps": 5}}}
+    p = w.reconcile()
+    assert not {"progress", "results"} & set(p.status)
+    w.finish("r1-pretrain")
+    p = w.reconcile()
+    assert not {"progress", "results"} & set(p.status)
+    assert w.status["progress"] == {"step": 5, "loss": 1.5}
+
+
+def test_transition_times_only_move_when_status_flips() -> None:
+    w = World(run_body(stages=["pretrain"]))
+    w.reconcile()
+    before = w.condition("Failed")["lastTransitionTime"]
+    w.now += timedelta(hours=1)
+    w.running("r1-pretrain")
+    w.reconcile()
+    assert w.condition("Failed")["lastTransitionTime"] == before
+    assert w.condition("Succeeded")["reason"] == "Running"
+    w.finish("r1-pretrain")
+    w.reconcile()
+    assert w.condition("Succeeded")["lastTransitionTime"] == "2026-11-26T13:10:00Z"
+
+
+def test_stale_fields_of_a_stage_record_are_removed() -> None:
+    w = World(run_body(stages=["pretrain"]))
+    w.reconcile()
+    w.finish("r1-pretrain", "Failed")
+    w.reconcile()
+    assert "message" in w.status["stages"]["pretrain"]
+    w.finish("r1-pretrain-r1")
+    p = w.reconcile()
+    assert p.status["stages"]["pretrain"]["message"] is None
+    assert "message" not in w.status["stages"]["pretrain"]
+
+
+def test_longest_name_fits_every_child() -> None:
+    name = "r" * MAX_RUN_NAME_LENGTH
+    assert len(job_name(name, "finetune", 10) + "-worker-511") <= 63
+
+
+# --- restart safety --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("crash_after", range(6))
+def test_a_crash_anywhere_in_applying_a_plan_loses_and_duplicates_nothing(crash_after: int) -> None:
+    """Apply only the first `crash_after` steps of each plan (creates, patches, status, events),
+    then start from scratch: the run ends in the same state as without crashes, and no job exists
+    that the crash-free run would not have created."""
+
+    def drive(crash: int | None) -> World:
+        w = World(run_body(stages=["prepare", "pretrain"], retries=1))
+        script = [
+            lambda: None,
+            lambda: w.finish("r1-prepare"),
+            lambda: w.finish("r1-pretrain", "Failed"),
+            lambda: w.finish("r1-pretrain-r1"),
+        ]
+        for step in script:
+            step()
+            p = w.plan()
+            if p.wants_pods:
+                p = w.plan(pods={})
+            if crash is not None:
+                parts = [*p.create, *p.patch, p.status, *p.events][:crash]
+                partial = Plan(
+                    create=tuple(x for x in parts if isinstance(x, dict) and "kind" in x),
+                    patch=tuple(x for x in parts if isinstance(x, tuple)),
+                    status=p.status if any(x is p.status for x in parts) and p.status else {},
+                )
+                w.apply(partial)
+            w.settle()
+        return w
+
+    clean, crashed = drive(None), drive(crash_after)
+    assert sorted(crashed.jobs) == sorted(clean.jobs) == ["r1-prepare", "r1-pretrain", "r1-pretrain-r1"]
+    strip = lambda s: {k: v for k, v in s.items() if k != "conditions"}  # noqa: E731
+    assert strip(crashed.status) == strip(clean.status)
+    assert crashed.status["phase"] == "Succeeded"
