@@ -1,0 +1,148 @@
+"""kopf handlers: when to reconcile a LlavaRun. What to do is `plan.plan`, how is `kube.converge`.
+
+Triggers, all converging through one per-run lock (so two triggers never interleave):
+- the run is created, changes spec, or is seen at operator start (kopf changing handlers);
+- one of its child jobs changes (the children index is already up to date when this fires);
+- a resync loop every `--resync-seconds` over every unfinished run, the safety net for
+  events kopf collapsed or missed. It is a plain task, not a kopf timer/daemon: those put a
+  finalizer on every run, and `kubectl delete` would hang whenever the operator is down.
+There is no delete handler: children go with their run by garbage collection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import copy
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import kopf
+
+from . import metrics
+from .api import GROUP, PLURAL, VERSION, Phase
+from .backend import PYTORCHJOB, Backend
+from .kube import Kube, converge
+from .naming import LABEL_RUN
+
+log = logging.getLogger("llavarun.operator")
+
+REGISTRY = kopf.OperatorRegistry()
+RUNS = (GROUP, VERSION, PLURAL)
+JOBS = (PYTORCHJOB.group, PYTORCHJOB.version, PYTORCHJOB.plural)
+PREFIX = GROUP  # kopf's progress/diff-base annotations: llavarun.io/..., never kopf.zalando.org
+FINISHED = {Phase.SUCCEEDED.value, Phase.FAILED.value}
+
+
+@dataclass
+class Context:
+    """Operator-wide state shared through kopf's memo; none of it is the source of truth."""
+
+    resync_seconds: float = 30.0
+    backend: Backend = PYTORCHJOB
+    kube: Kube | None = None
+    locks: dict[tuple[str, str], asyncio.Lock] = field(default_factory=dict)
+    resync: asyncio.Task[None] | None = None
+
+
+def configure(settings: kopf.OperatorSettings) -> None:
+    """Our annotations, no kopf finalizer name, quiet kopf events, server-side child filtering."""
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=PREFIX)
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=PREFIX)
+    settings.persistence.finalizer = f"{PREFIX}/finalizer"  # never added: no delete handlers/timers
+    settings.posting.level = logging.WARNING  # kopf's own "handler succeeded" events are noise
+    settings.posting.reporting_component = "llavarun-operator"
+    settings.watching.label_selectors[JOBS] = LABEL_RUN
+    settings.watching.server_timeout = 300
+    settings.networking.request_timeout = 60
+
+
+@kopf.index(*JOBS, labels={LABEL_RUN: kopf.PRESENT}, registry=REGISTRY)
+def llavarun_children(namespace: str, labels: dict[str, str], body: kopf.Body, **_: Any) -> dict[Any, Any]:
+    """(namespace, run) -> the run's child jobs, as last seen by the watch."""
+    keep = ("metadata", "spec", "status")
+    return {(namespace, labels[LABEL_RUN]): {k: copy.deepcopy(dict(body.get(k) or {})) for k in keep}}
+
+
+@kopf.index(*RUNS, registry=REGISTRY)
+def llavarun_runs(
+    namespace: str, name: str, meta: kopf.Meta, status: kopf.Status, **_: Any
+) -> dict[Any, Any]:
+    """(namespace, run) -> (phase, generation, observedGeneration): what the resync loop needs."""
+    return {
+        (namespace, name): (status.get("phase"), meta.get("generation"), status.get("observedGeneration"))
+    }
+
+
+async def reconcile(ctx: Context, namespace: str, name: str, children: kopf.Index, trigger: str) -> None:
+    """One reconciliation of one run, serialised per run; the API calls run on a thread."""
+    assert ctx.kube is not None
+    lock = ctx.locks.setdefault((namespace, name), asyncio.Lock())
+    async with lock:
+        snapshot = [dict(c) for c in children.get((namespace, name), [])]
+        metrics.RECONCILES.labels(trigger=trigger).inc()
+        try:
+            result = await asyncio.to_thread(converge, ctx.kube, namespace, name, snapshot)
+        except Exception:
+            metrics.RECONCILE_ERRORS.labels(trigger=trigger).inc()
+            raise
+    if result is not None:
+        metrics.record_plan(result)
+
+
+@kopf.on.resume(*RUNS, backoff=5, registry=REGISTRY)
+@kopf.on.create(*RUNS, backoff=5, registry=REGISTRY)
+@kopf.on.update(*RUNS, field="spec", backoff=5, registry=REGISTRY)
+async def run_changed(
+    namespace: str, name: str, memo: kopf.Memo, llavarun_children: kopf.Index, **_: Any
+) -> None:
+    await reconcile(memo.ctx, namespace, name, llavarun_children, "run")
+
+
+@kopf.on.event(*JOBS, labels={LABEL_RUN: kopf.PRESENT}, registry=REGISTRY)
+async def child_changed(
+    namespace: str, labels: dict[str, str], memo: kopf.Memo, llavarun_children: kopf.Index, **_: Any
+) -> None:
+    await reconcile(memo.ctx, namespace, labels[LABEL_RUN], llavarun_children, "child")
+
+
+async def resync_forever(ctx: Context, runs: kopf.Index, children: kopf.Index) -> None:
+    """Reconcile every unfinished run periodically; also refresh the runs-by-phase gauge."""
+    while True:
+        await asyncio.sleep(ctx.resync_seconds)
+        seen = {key: next(iter(store), (None, None, None)) for key, store in list(runs.items())}
+        metrics.set_run_phases(phase for phase, _, _ in seen.values())
+        for key in [k for k in ctx.locks if k not in seen and not ctx.locks[k].locked()]:
+            del ctx.locks[key]  # runs that are gone
+        for (namespace, name), (phase, generation, observed) in seen.items():
+            if phase in FINISHED and generation == observed:
+                continue
+            try:
+                await reconcile(ctx, namespace, name, children, "resync")
+            except Exception as err:  # the next tick tries again
+                log.warning("resync of %s/%s failed: %s", namespace, name, err)
+
+
+@kopf.on.startup(registry=REGISTRY)
+async def startup(
+    settings: kopf.OperatorSettings,
+    memo: kopf.Memo,
+    llavarun_runs: kopf.Index,
+    llavarun_children: kopf.Index,
+    **_: Any,
+) -> None:
+    configure(settings)
+    ctx: Context = memo.ctx
+    if ctx.kube is None:
+        ctx.kube = await asyncio.to_thread(Kube.from_environment, ctx.backend)
+    ctx.resync = asyncio.create_task(resync_forever(ctx, llavarun_runs, llavarun_children))
+
+
+@kopf.on.cleanup(registry=REGISTRY)
+async def cleanup(memo: kopf.Memo, **_: Any) -> None:
+    ctx: Context = memo.ctx
+    if ctx.resync is not None:
+        ctx.resync.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await ctx.resync

@@ -1,0 +1,226 @@
+"""The operator's few Kubernetes API calls, and applying a Plan with them.
+
+Plain REST over the `kubernetes` client's transport (auth, TLS, proxies from the kubeconfig or
+the in-cluster ServiceAccount), with JSON dicts in and out: the plan speaks dicts, and the typed
+models would drop fields they do not know (e.g. a PyTorchJob's).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from typing import Any
+
+from kubernetes import client, config
+
+from .api import API_VERSION, KIND, PLURAL
+from .backend import Backend
+from .plan import Event, Plan, plan, timestamp
+
+log = logging.getLogger("llavarun.operator")
+
+_PLURALS = {"ServiceAccount": "serviceaccounts", "Role": "roles", "RoleBinding": "rolebindings"}
+REPORTING_COMPONENT = "llavarun-operator"
+TIMEOUT = 30
+
+
+class ApiError(Exception):
+    """A non-2xx answer from the apiserver."""
+
+    def __init__(self, status: int, method: str, path: str, body: str) -> None:
+        try:
+            message = json.loads(body).get("message", body)
+        except (ValueError, AttributeError):
+            message = body
+        super().__init__(f"{method} {path}: {status} {message}")
+        self.status = status
+        self.message = message
+
+
+def _collection(api_version: str, plural: str, namespace: str) -> str:
+    prefix = "/api/v1" if api_version == "v1" else f"/apis/{api_version}"
+    return f"{prefix}/namespaces/{namespace}/{plural}"
+
+
+class Kube:
+    """A handful of REST calls; thread-safe like the underlying urllib3 pool."""
+
+    def __init__(self, api: client.ApiClient, backend: Backend) -> None:
+        self.api = api
+        self.backend = backend
+        self.instance = os.environ.get("HOSTNAME") or socket.gethostname()
+
+    @classmethod
+    def from_environment(cls, backend: Backend) -> Kube:
+        """In-cluster ServiceAccount, or KUBECONFIG / ~/.kube/config when run as a local process."""
+        config.load_config()
+        return cls(client.ApiClient(), backend)
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        query: Mapping[str, str] | None = None,
+        content_type: str = "application/json",
+    ) -> Any:
+        headers = {"Accept": "application/json"}
+        if body is not None:
+            headers["Content-Type"] = content_type
+        args = self.api.param_serialize(
+            method=method,
+            resource_path=path,
+            query_params=dict(query or {}) or None,
+            header_params=headers,
+            body=body,
+            auth_settings=["BearerToken"],
+        )
+        response = self.api.call_api(*args, _request_timeout=TIMEOUT)
+        response.read()
+        text = (response.data or b"").decode()
+        if not 200 <= response.status <= 299:
+            raise ApiError(response.status, method, path, text)
+        return json.loads(text) if text else None
+
+    # --- the run ---------------------------------------------------------------------------------
+
+    def run_path(self, namespace: str, name: str) -> str:
+        return f"{_collection(API_VERSION, PLURAL, namespace)}/{name}"
+
+    def get_run(self, namespace: str, name: str) -> dict[str, Any] | None:
+        try:
+            return self.request("GET", self.run_path(namespace, name))
+        except ApiError as err:
+            if err.status == 404:
+                return None
+            raise
+
+    def patch_run_status(self, namespace: str, name: str, patch: Mapping[str, Any]) -> None:
+        self.request(
+            "PATCH",
+            f"{self.run_path(namespace, name)}/status",
+            {"status": patch},
+            content_type="application/merge-patch+json",
+        )
+
+    # --- children --------------------------------------------------------------------------------
+
+    def child_path(self, namespace: str, name: str = "") -> str:
+        b = self.backend
+        path = _collection(f"{b.group}/{b.version}", b.plural, namespace)
+        return f"{path}/{name}" if name else path
+
+    def create(self, obj: Mapping[str, Any]) -> bool:
+        """Create; False when it already exists (a previous reconcile, or a restart, made it)."""
+        kind = obj["kind"]
+        namespace = obj["metadata"]["namespace"]
+        if kind == self.backend.kind:
+            path = self.child_path(namespace)
+        else:
+            path = _collection(obj["apiVersion"], _PLURALS[kind], namespace)
+        try:
+            self.request("POST", path, obj)
+        except ApiError as err:
+            if err.status == 409:
+                return False
+            raise
+        return True
+
+    def patch_child(self, namespace: str, name: str, patch: Mapping[str, Any]) -> None:
+        try:
+            self.request(
+                "PATCH", self.child_path(namespace, name), patch, content_type="application/merge-patch+json"
+            )
+        except ApiError as err:
+            if err.status != 404:
+                raise
+
+    def delete_child(self, namespace: str, name: str) -> None:
+        try:
+            self.request("DELETE", self.child_path(namespace, name), {"propagationPolicy": "Background"})
+        except ApiError as err:
+            if err.status != 404:
+                raise
+
+    def list_pods(self, namespace: str, selector: str) -> list[dict[str, Any]]:
+        """Pods of a child, for failure messages; none when we may not list them."""
+        try:
+            found = self.request(
+                "GET", f"/api/v1/namespaces/{namespace}/pods", query={"labelSelector": selector}
+            )
+        except ApiError as err:
+            log.warning("cannot list pods for a failure message: %s", err)
+            return []
+        return list((found or {}).get("items") or [])
+
+    # --- events ----------------------------------------------------------------------------------
+
+    def post_event(self, run: Mapping[str, Any], event: Event) -> None:
+        """A core/v1 Event on the run (what `kubectl describe llavarun` shows); best effort."""
+        meta = run["metadata"]
+        now = timestamp(datetime.now(UTC))
+        body = {
+            "apiVersion": "v1",
+            "kind": "Event",
+            "metadata": {"generateName": f"{meta['name']}.", "namespace": meta["namespace"]},
+            "involvedObject": {
+                "apiVersion": API_VERSION,
+                "kind": KIND,
+                "name": meta["name"],
+                "namespace": meta["namespace"],
+                "uid": meta.get("uid"),
+                "resourceVersion": meta.get("resourceVersion"),
+            },
+            "reason": event.reason,
+            "message": event.message[:1024],
+            "type": event.type,
+            "firstTimestamp": now,
+            "lastTimestamp": now,
+            "count": 1,
+            "source": {"component": REPORTING_COMPONENT},
+            "reportingComponent": REPORTING_COMPONENT,
+            "reportingInstance": self.instance[:128],
+        }
+        try:
+            self.request("POST", f"/api/v1/namespaces/{meta['namespace']}/events", body)
+        except ApiError as err:
+            log.warning(
+                "cannot post event %s on %s/%s: %s", event.reason, meta["namespace"], meta["name"], err
+            )
+
+
+def converge(kube: Kube, namespace: str, name: str, children: list[Mapping[str, Any]]) -> Plan | None:
+    """Read the run, plan, apply: one reconciliation. None when the run is gone or going."""
+    body = kube.get_run(namespace, name)
+    if body is None or body["metadata"].get("deletionTimestamp"):
+        return None  # children go by garbage collection (ownerReferences), no finalizer needed
+    now = datetime.now(UTC)
+    result = plan(body, children, now, backend=kube.backend)
+    if result.wants_pods:
+        pods = {job: kube.list_pods(namespace, kube.backend.pod_selector(job)) for job in result.wants_pods}
+        result = plan(body, children, now, pods=pods, backend=kube.backend)
+    apply(kube, body, result)
+    return result
+
+
+def apply(kube: Kube, body: Mapping[str, Any], result: Plan) -> None:
+    """Children first, then status, then events: a crash in between repeats the step, never skips it."""
+    namespace, name = body["metadata"]["namespace"], body["metadata"]["name"]
+    for obj in result.create:
+        if kube.create(obj):
+            log.info("created %s %s/%s", obj["kind"], namespace, obj["metadata"]["name"])
+    for child, patch in result.patch:
+        kube.patch_child(namespace, child, patch)
+        log.info("patched %s/%s: %s", namespace, child, json.dumps(patch, sort_keys=True))
+    for child in result.delete:
+        kube.delete_child(namespace, child)
+        log.info("deleted %s/%s", namespace, child)
+    if result.status:
+        kube.patch_run_status(namespace, name, result.status)
+    for event in result.events:
+        log.info("%s/%s %s: %s", namespace, name, event.reason, event.message)
+        kube.post_event(body, event)

@@ -1,0 +1,75 @@
+"""`llavarun operator`: run the kopf operator with our settings.
+
+Always `--standalone` (no kopf peering): the chart runs exactly one replica with strategy
+Recreate, which is the leader election kopf lacks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+import kopf
+
+from . import metrics
+
+LOG_FORMATS = {"plain": kopf.LogFormat.PLAIN, "full": kopf.LogFormat.FULL, "json": kopf.LogFormat.JSON}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="llavarun operator",
+        description="Reconcile LlavaRuns into one Kubeflow PyTorchJob per stage (kopf, standalone).",
+    )
+    parser.add_argument(
+        "-n",
+        "--namespace",
+        action="append",
+        default=[],
+        metavar="NS",
+        help="Serve only this namespace (repeatable; kopf globs like 'team-*' work). Default: all.",
+    )
+    parser.add_argument(
+        "-A", "--all-namespaces", action="store_true", help="Serve every namespace (default)."
+    )
+    parser.add_argument("--liveness-port", type=int, default=8080, help="Serve /healthz here (0: off).")
+    parser.add_argument(
+        "--metrics-port", type=int, default=9090, help="Serve Prometheus /metrics here (0: off)."
+    )
+    parser.add_argument("--bind-address", default="0.0.0.0", help="Address of the liveness/metrics servers.")
+    parser.add_argument(
+        "--resync-seconds",
+        type=float,
+        default=30.0,
+        help="Reconcile every unfinished run at least this often (safety net for missed events).",
+    )
+    parser.add_argument("--log-format", choices=sorted(LOG_FORMATS), default="full")
+    parser.add_argument("-v", "--verbose", action="store_true", help="Log kopf's handler activity too.")
+    parser.add_argument("--debug", action="store_true", help="Log every API request kopf makes.")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["--"]:  # `llavarun operator -- --flags` passes the separator through
+        argv = argv[1:]
+    args = build_parser().parse_args(argv)
+    if args.all_namespaces and args.namespace:
+        raise ValueError("choose --namespace or --all-namespaces, not both")
+    kopf.configure(debug=args.debug, verbose=args.verbose, log_format=LOG_FORMATS[args.log_format])
+    logging.getLogger("llavarun").setLevel(logging.INFO)
+
+    from .handlers import REGISTRY, Context
+
+    metrics.serve(args.metrics_port, args.bind_address)
+    liveness = f"http://{args.bind_address}:{args.liveness_port}/healthz" if args.liveness_port else None
+    kopf.run(
+        registry=REGISTRY,
+        standalone=True,
+        clusterwide=not args.namespace,
+        namespaces=args.namespace,
+        liveness_endpoint=liveness,
+        memo=kopf.Memo(ctx=Context(resync_seconds=args.resync_seconds)),
+    )
+    return 0
