@@ -164,6 +164,8 @@ class EvaluateConfig(StageConfig):
     temperature: float = Field(1.0, gt=0)
     batch_size: int = Field(8, ge=1)
     precision: Literal["bf16", "fp16", "fp32"] = "bf16"
+    images: Literal["first", "referenced"] = "first"
+    """Images shown per question: image_1 only (official MMMU protocol) or every <image N> referenced."""
     responses: Path | None = None
     """Score this {question_id: response} JSON file instead of generating (no model needed)."""
 
