@@ -100,7 +100,7 @@ def test_images_are_loaded_only_when_wanted_and_gaps_are_reported(mmmu_dir: Path
 
 
 def test_undecodable_image_bytes_raise():
-    with pytest.raises(Exception, match="cannot identify image"):
+    with pytest.raises(ValueError, match="not a recognised image format"):
         decode_image(b"\x89PNG garbage")
     assert decode_image(image_bytes(fmt="JPEG")).mode == "RGB"
 

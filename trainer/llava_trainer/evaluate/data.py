@@ -278,9 +278,13 @@ def load_images(questions: Iterable[Question], wanted: dict[str, list[int]], pro
 
 
 def decode_image(data: bytes) -> Any:
-    """An RGB PIL image from encoded bytes (PNG, JPEG, …); raises on undecodable data."""
-    from PIL import Image
+    """An RGB PIL image from encoded bytes (PNG, JPEG, …); raises ValueError on undecodable data."""
+    from PIL import Image, UnidentifiedImageError
 
-    with Image.open(io.BytesIO(data)) as image:
-        image.load()
-        return image.convert("RGB")
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image.load()
+            return image.convert("RGB")
+    except UnidentifiedImageError:
+        # PIL's message names a BytesIO object's address; say what is wrong instead.
+        raise ValueError(f"not a recognised image format ({len(data)} bytes starting {data[:8]!r})") from None

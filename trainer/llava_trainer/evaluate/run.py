@@ -36,6 +36,7 @@ def run(config: EvaluateConfig) -> int:
     started = time.monotonic()
     rank = int(os.environ.get("RANK", "0"))
     _setup_logging(rank)
+    reporter = _status_reporter() if rank == 0 else None
     mmmu_dir = config.resolve(config.mmmu_dir)
     assert mmmu_dir is not None
     try:
@@ -68,15 +69,16 @@ def run(config: EvaluateConfig) -> int:
             return 2
         source = {"model": None, "responses_file": str(path)}
     else:
-        generated = _generate(config, questions)
+        generated = _generate(config, questions, reporter)
         if generated is None:
             return 2
         answers, world_size = generated
         if answers is None:
             return 0  # not rank 0: only rank 0 scores and writes
         responses = answers.responses
-        problems.image_errors.update(answers.image_errors)
-        problems.generation_errors.update(answers.errors)
+        order = {q.id: i for i, q in enumerate(questions)}  # ranks report in any order; files stay stable
+        problems.image_errors = dict(sorted(answers.image_errors.items(), key=lambda kv: order[kv[0]]))
+        problems.generation_errors = dict(sorted(answers.errors.items(), key=lambda kv: order[kv[0]]))
         source = {"model": str(config.model_dir), "responses_file": None}
 
     predictions, problems.missing_responses = judge_all(questions, responses, config.seed)
@@ -84,11 +86,13 @@ def run(config: EvaluateConfig) -> int:
     results["duration_seconds"] = round(time.monotonic() - started, 1)
     paths = write_outputs(config.stage_output, results, predictions)
     _log_results(results, paths["results"])
-    _report_status(results, paths["results"])
+    _report_status(reporter, results, paths["results"])
     return 0
 
 
-def _generate(config: EvaluateConfig, questions: list[Question]) -> tuple[Answers | None, int] | None:
+def _generate(
+    config: EvaluateConfig, questions: list[Question], reporter: Any
+) -> tuple[Answers | None, int] | None:
     """Answer all questions with the model, sharded over the ranks: (answers on rank 0 / None on the
     others, world size), or None when there is no model to load."""
     model_dir = config.model_dir
@@ -121,7 +125,6 @@ def _generate(config: EvaluateConfig, questions: list[Question]) -> tuple[Answer
         config.batch_size,
         settings,
     )
-    reporter = _status_reporter() if ranks.is_main else None
     try:
         answers = answer_all(
             questions,
@@ -245,17 +248,21 @@ def _progress_logger(reporter: Any):
         log.info("rank 0: %d/%d batches, %.0f s, ETA %.0f s", done, total, seconds, eta)
         if reporter is not None:
             reporter.progress(
-                step=done, total_steps=total, percent=int(100 * done / max(total, 1)), eta_seconds=int(eta)
+                stage="evaluate",
+                step=done,
+                total_steps=total,
+                percent=int(100 * done / max(total, 1)),
+                eta_seconds=int(eta),
             )
 
     return on_progress
 
 
-def _report_status(results: dict[str, Any], results_file: Path) -> None:
-    reporter = _status_reporter()
+def _report_status(reporter: Any, results: dict[str, Any], results_file: Path) -> None:
     if reporter is None:
         return
     try:
+        reporter.flush()  # the last progress update may still be held back by the throttle
         reporter.results("evaluate", status_results(results, results_file))
     except Exception as err:  # the results are on disk; a status hiccup must not fail the stage
         log.warning("could not report the MMMU results to the LlavaRun status: %s", err)
