@@ -28,6 +28,7 @@ lint: venv
 
 crd: venv
 	$(VENV)/bin/llavarun crd > crds/llavarun.yaml
+	cp crds/llavarun.yaml charts/llavarun-operator/files/crds/llavarun.yaml
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

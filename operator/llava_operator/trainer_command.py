@@ -94,6 +94,7 @@ def stage_config(spec: LlavaRunSpec, stage: Stage, *, data_dir_override: str | N
             mmmu_dir=paths.mmmu,
             split=ev.split,
             subjects=list(ev.subjects),
+            images=ev.images,
             max_new_tokens=ev.max_new_tokens,
             num_beams=ev.num_beams,
             do_sample=ev.do_sample,
