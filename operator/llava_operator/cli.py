@@ -63,13 +63,6 @@ def _validate(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
-def _delegate(module: str):
-    def run(args: argparse.Namespace) -> int:
-        return int(importlib.import_module(module).main(args.rest) or 0)
-
-    return run
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llavarun", description="Kubernetes-native LLaVA-1.5 training.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -81,14 +74,24 @@ def build_parser() -> argparse.ArgumentParser:
     validate = sub.add_parser("validate", help=COMMANDS["validate"])
     validate.add_argument("files", nargs="+", help="LlavaRun YAML files")
     validate.set_defaults(func=_validate)
-    for name, module in (("operator", "llava_operator.main"), ("local", "llava_operator.local.main")):
-        p = sub.add_parser(name, help=COMMANDS[name], add_help=False)
-        p.add_argument("rest", nargs=argparse.REMAINDER)
-        p.set_defaults(func=_delegate(module))
+    for name in DELEGATED:  # listed for --help; main() hands them their arguments untouched
+        sub.add_parser(name, help=COMMANDS[name], add_help=False)
     return parser
 
 
+DELEGATED = {"operator": "llava_operator.main", "local": "llava_operator.local.main"}
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in DELEGATED:
+        # These commands own their flags entirely (argparse.REMAINDER refuses leading options).
+        command, rest = argv[0], argv[1:]
+        try:
+            return int(importlib.import_module(DELEGATED[command]).main(rest) or 0)
+        except (ValueError, OSError) as err:
+            print(f"llavarun {command}: {err}", file=sys.stderr)
+            return 1
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
