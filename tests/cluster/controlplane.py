@@ -43,8 +43,8 @@ SCHEDULER = "scheduler"
 CONTROLLER_MANAGER = "controller-manager"
 KWOK = "kwok"
 TRAINING_OPERATOR = "training-operator"
-#: Everything beyond etcd + apiserver, in start order.
-OPTIONAL_COMPONENTS = (SCHEDULER, CONTROLLER_MANAGER, KWOK, TRAINING_OPERATOR)
+#: Everything beyond etcd + apiserver, in start order (kcm first: adding it restarts the apiserver).
+OPTIONAL_COMPONENTS = (CONTROLLER_MANAGER, SCHEDULER, KWOK, TRAINING_OPERATOR)
 FULL = OPTIONAL_COMPONENTS
 
 SERVICE_CIDR = "10.96.0.0/16"
@@ -492,7 +492,11 @@ class Cluster:
     def _start_apiserver(self, service_account_admission: bool) -> None:
         self._service_account_admission = service_account_admission
         proc = Process(
-            "apiserver", self._apiserver_argv(service_account_admission), self.logs_dir / "kube-apiserver.log"
+            "apiserver",
+            self._apiserver_argv(service_account_admission),
+            self.logs_dir / "kube-apiserver.log",
+            # With watches open it can linger after "Stopped listening"; a restart need not wait.
+            stop_timeout=5,
         )
         self.procs["apiserver"] = proc
         proc.start()
@@ -523,6 +527,8 @@ class Cluster:
                 f"--secure-port={self.ports[name]}",
                 f"--cert-dir={self.workdir / name}",
                 "--leader-elect=false",
+                # No front-proxy CA is configured; skip reading it (avoids an error per second in the log).
+                "--authentication-skip-lookup=true",
                 f"--v={self.verbosity}",
                 *extra,
             ],
@@ -591,7 +597,9 @@ class Cluster:
 
     def _start_training_operator(self) -> None:
         ns = KUBEFLOW_NAMESPACE
-        # The webhook cert rotator Gets this Secret first and stops the manager if it is missing.
+        # The webhook cert rotator Gets this Secret first and stops the manager if it is missing;
+        # it must also already hold certs that "are mounted" (see training_operator_webhook_certs).
+        certs = pki_mod.training_operator_webhook_certs()
         self.apply(
             [
                 {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}},
@@ -599,6 +607,7 @@ class Cluster:
                     "apiVersion": "v1",
                     "kind": "Secret",
                     "metadata": {"name": "training-operator-webhook-cert", "namespace": ns},
+                    "data": {k: base64.b64encode(v).decode() for k, v in certs.items()},
                 },
             ]
         )
@@ -632,7 +641,17 @@ class Cluster:
         if not self.pytorchjob_crd.exists():
             raise BuildError(f"{self.pytorchjob_crd} missing: run tests/cluster/build")
         self.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(self.pytorchjob_crd))
-        self.kubectl("wait", "--for=condition=Established", f"crd/{PYTORCHJOB_CRD}", "--timeout=60s")
+        self.wait_crd_established(PYTORCHJOB_CRD)
+
+    def wait_crd_established(self, name: str, timeout: float = 60) -> None:
+        """Wait until CRD *name* is Established (``kubectl wait`` errors while status is still empty)."""
+
+        def established() -> bool:
+            crd = json.loads(self.kubectl("get", "crd", name, "-o", "json").stdout)
+            conds = crd.get("status", {}).get("conditions") or []
+            return any(c["type"] == "Established" and c["status"] == "True" for c in conds)
+
+        wait_for(established, timeout=timeout, interval=0.2, what=f"CRD {name} Established")
 
     # --- readiness -------------------------------------------------------------------------------
 

@@ -162,3 +162,89 @@ def generate(directory: Path, service_ip: str = "10.96.0.1") -> Pki:
         )
     )
     return pki
+
+
+#: Hard-coded in the training-operator (pkg/cert): where the Secret would be mounted in its pod.
+TRAINING_OPERATOR_CERT_DIR = Path("/tmp/k8s-webhook-server/serving-certs")
+
+
+def training_operator_webhook_certs(directory: Path = TRAINING_OPERATOR_CERT_DIR) -> dict[str, bytes]:
+    """Webhook serving certs for the training-operator, created once and shared by every cluster.
+
+    Out of a pod nobody mounts its cert Secret, and its cert rotator waits (and the operator never
+    becomes ready) until tls.crt exists in a fixed directory. We pre-fill the Secret with these
+    files, which the rotator accepts as valid (10-year CA with SAN "training-operator-ca", server
+    cert for training-operator.kubeflow.svc), so every cluster on the machine writes identical
+    bytes and concurrent sessions never see a mismatched pair. Returns the Secret data.
+    """
+    import fcntl
+
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    names = ("ca.crt", "ca.key", "tls.crt", "tls.key")
+    directory.mkdir(parents=True, exist_ok=True)
+    with (directory.parent / ".llavarun.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        existing = {n: (directory / n) for n in names}
+        if all(p.exists() for p in existing.values()) and _still_valid(existing["tls.crt"]):
+            return {n: p.read_bytes() for n, p in existing.items()}
+
+        now = dt.datetime.now(dt.UTC)
+        ca_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        ca_name = _name("training-operator-ca", "training-operator")
+        ca_cert = (
+            x509.CertificateBuilder()
+            .subject_name(ca_name)
+            .issuer_name(ca_name)
+            .public_key(ca_key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(hours=1))
+            .not_valid_after(now + dt.timedelta(days=3650))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .add_extension(
+                x509.SubjectAlternativeName([x509.DNSName("training-operator-ca")]), critical=False
+            )
+            .sign(ca_key, hashes.SHA256())
+        )
+        key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        dns = "training-operator.kubeflow.svc"
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(_name(dns))
+            .issuer_name(ca_name)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(hours=1))
+            .not_valid_after(now + dt.timedelta(days=3650))
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName(dns)]), critical=False)
+            .sign(ca_key, hashes.SHA256())
+        )
+
+        def pkcs1(k: rsa.RSAPrivateKey) -> bytes:
+            return k.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.TraditionalOpenSSL,
+                serialization.NoEncryption(),
+            )
+
+        data = {
+            "ca.crt": ca_cert.public_bytes(serialization.Encoding.PEM),
+            "ca.key": pkcs1(ca_key),
+            "tls.crt": cert.public_bytes(serialization.Encoding.PEM),
+            "tls.key": pkcs1(key),
+        }
+        for n, content in data.items():
+            tmp = directory / f".{n}.tmp"
+            tmp.write_bytes(content)
+            tmp.replace(directory / n)
+        return data
+
+
+def _still_valid(cert_path: Path) -> bool:
+    try:
+        cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
+    except ValueError:
+        return False
+    return cert.not_valid_after_utc > dt.datetime.now(dt.UTC) + dt.timedelta(days=365)

@@ -68,8 +68,10 @@ class Process:
         log: Path,
         env: dict[str, str] | None = None,
         cwd: Path | None = None,
+        stop_timeout: float = 15.0,
     ) -> None:
         self.name = name
+        self.stop_timeout = stop_timeout
         self.argv = argv
         self.log = log
         self.env = env
@@ -101,10 +103,11 @@ class Process:
                 preexec_fn=_die_with_parent(os.getpid()),
             )
 
-    def stop(self, timeout: float = 15.0) -> None:
-        """SIGTERM the process group, then SIGKILL what is left after *timeout*."""
+    def stop(self, timeout: float | None = None) -> None:
+        """SIGTERM the process group, then SIGKILL what is left after *timeout* (default stop_timeout)."""
         if self.popen is None:
             return
+        timeout = self.stop_timeout if timeout is None else timeout
         pgid = self.popen.pid  # start_new_session: pgid == pid
         if self.popen.poll() is None:
             with contextlib.suppress(ProcessLookupError):

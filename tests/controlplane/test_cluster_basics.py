@@ -9,7 +9,14 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.cluster import GPU_RESOURCE, Cluster, wait_for
+from tests.cluster import (
+    EXIT_CODE_ANNOTATION,
+    GPU_RESOURCE,
+    OUTCOME_LABEL,
+    RUN_DURATION_ANNOTATION,
+    Cluster,
+    wait_for,
+)
 
 pytestmark = pytest.mark.cluster
 
@@ -29,7 +36,7 @@ def test_apiserver_reports_the_pinned_version(cluster: Cluster) -> None:
 
 def test_pytorchjob_crd_installs_server_side(cluster: Cluster) -> None:
     cluster.install_pytorchjob_crd()
-    crd = _get(cluster, "crd", "pytorchjobs.kubeflow.org")
+    crd = _get(cluster, "crd", "pytorchjobs.kubeflow.org", "--show-managed-fields")
     assert any(c["type"] == "Established" and c["status"] == "True" for c in crd["status"]["conditions"])
     managers = {m["manager"] for m in crd["metadata"]["managedFields"]}
     assert "kubectl" in managers
@@ -96,7 +103,9 @@ def test_pod_without_toleration_stays_off_gpu_nodes(full_cluster: Cluster, clust
     wait_for(unschedulable, timeout=60, what="plain pod Unschedulable")
 
 
-def _pytorchjob(name: str, namespace: str, worker_labels: dict[str, str] | None = None) -> dict[str, Any]:
+def _pytorchjob(
+    name: str, namespace: str, master_labels: dict[str, str] | None = None, master_exit_code: int = 1
+) -> dict[str, Any]:
     def replica(labels: dict[str, str] | None = None) -> dict[str, Any]:
         return {
             "replicas": 1,
@@ -104,7 +113,10 @@ def _pytorchjob(name: str, namespace: str, worker_labels: dict[str, str] | None 
             "template": {
                 "metadata": {
                     "labels": labels or {},
-                    "annotations": {"kwok.llavarun.test/run-duration": "2s"},
+                    "annotations": {
+                        RUN_DURATION_ANNOTATION: "2s",
+                        EXIT_CODE_ANNOTATION: str(master_exit_code),
+                    },
                 },
                 "spec": {
                     "containers": [
@@ -119,7 +131,7 @@ def _pytorchjob(name: str, namespace: str, worker_labels: dict[str, str] | None 
         "apiVersion": "kubeflow.org/v1",
         "kind": "PyTorchJob",
         "metadata": {"name": name, "namespace": namespace},
-        "spec": {"pytorchReplicaSpecs": {"Master": replica(), "Worker": replica(worker_labels)}},
+        "spec": {"pytorchReplicaSpecs": {"Master": replica(master_labels), "Worker": replica()}},
     }
 
 
@@ -157,7 +169,7 @@ def test_pytorchjob_runs_to_succeeded_through_kwok(full_cluster: Cluster, cluste
 
 
 def test_pod_labelled_to_fail_fails_the_pytorchjob(full_cluster: Cluster, cluster_namespace: str) -> None:
-    job = _pytorchjob("doomed", cluster_namespace, worker_labels={"kwok.llavarun.test/outcome": "fail"})
+    job = _pytorchjob("doomed", cluster_namespace, master_labels={OUTCOME_LABEL: "fail"}, master_exit_code=3)
     full_cluster.apply(job)
     result = wait_for(
         lambda: _job_condition(full_cluster, "doomed", cluster_namespace),
@@ -165,6 +177,9 @@ def test_pod_labelled_to_fail_fails_the_pytorchjob(full_cluster: Cluster, cluste
         what="PyTorchJob doomed finished",
     )
     assert result == "Failed"
+    master = _get(full_cluster, "pod", "doomed-master-0", "-n", cluster_namespace)
+    assert master["status"]["phase"] == "Failed"
+    assert master["status"]["containerStatuses"][0]["state"]["terminated"]["exitCode"] == 3
 
 
 def test_serviceaccount_token_authenticates_and_is_subject_to_rbac(
