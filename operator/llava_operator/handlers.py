@@ -23,7 +23,7 @@ import kopf
 from . import metrics
 from .api import GROUP, PLURAL, VERSION, Phase
 from .backend import PYTORCHJOB, Backend
-from .kube import Kube, converge
+from .kube import ApiError, Kube, converge
 from .naming import LABEL_RUN
 
 log = logging.getLogger("llavarun.operator")
@@ -104,7 +104,10 @@ async def run_changed(
 async def child_changed(
     namespace: str, labels: dict[str, str], memo: kopf.Memo, llavarun_children: kopf.Index, **_: Any
 ) -> None:
-    await reconcile(memo.ctx, namespace, labels[LABEL_RUN], llavarun_children, "child")
+    try:
+        await reconcile(memo.ctx, namespace, labels[LABEL_RUN], llavarun_children, "child")
+    except ApiError as err:  # kopf would log a traceback and drop it; the resync loop retries anyway
+        log.warning("reconcile of %s/%s after a child event failed: %s", namespace, labels[LABEL_RUN], err)
 
 
 async def resync_forever(ctx: Context, runs: kopf.Index, children: kopf.Index) -> None:
@@ -122,6 +125,12 @@ async def resync_forever(ctx: Context, runs: kopf.Index, children: kopf.Index) -
                 await reconcile(ctx, namespace, name, children, "resync")
             except Exception as err:  # the next tick tries again
                 log.warning("resync of %s/%s failed: %s", namespace, name, err)
+
+
+@kopf.on.login(registry=REGISTRY)
+def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
+    """The kubernetes client's view of credentials: in-cluster ServiceAccount or the kubeconfig."""
+    return kopf.login_via_client(**kwargs)
 
 
 @kopf.on.startup(registry=REGISTRY)

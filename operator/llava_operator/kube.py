@@ -40,6 +40,12 @@ class ApiError(Exception):
         self.status = status
         self.message = message
 
+    @property
+    def namespace_terminating(self) -> bool:
+        """Creation refused because the namespace is being (or was) deleted: its runs go with it."""
+        gone = self.status == 404 and str(self.message).startswith("namespaces ")
+        return gone or (self.status == 403 and "being terminated" in str(self.message))
+
 
 def _collection(api_version: str, plural: str, namespace: str) -> str:
     prefix = "/api/v1" if api_version == "v1" else f"/apis/{api_version}"
@@ -203,7 +209,13 @@ def converge(kube: Kube, namespace: str, name: str, children: list[Mapping[str, 
     if result.wants_pods:
         pods = {job: kube.list_pods(namespace, kube.backend.pod_selector(job)) for job in result.wants_pods}
         result = plan(body, children, now, pods=pods, backend=kube.backend)
-    apply(kube, body, result)
+    try:
+        apply(kube, body, result)
+    except ApiError as err:
+        if not err.namespace_terminating:
+            raise
+        log.info("%s/%s: namespace is being deleted, nothing to do", namespace, name)
+        return None
     return result
 
 

@@ -183,7 +183,7 @@ def _records(status: Mapping[str, Any]) -> dict[str, StageStatus]:
 def _failure(child: Child, namespace: str, pods: Mapping[str, list[Mapping[str, Any]]] | None) -> str:
     """Why an attempt failed, naming the job and the pod whose logs tell the story."""
     state = child.state
-    detail = state.message or state.reason or "failed"
+    detail = (state.message or state.reason or "failed").strip().rstrip(".")
     text = f"job {child.name} failed: {detail}"
     described = describe_failed_pod((pods or {}).get(child.name, []))
     pod, what = described if described else (failed_pod_hint(child.name, state), "")
@@ -370,8 +370,10 @@ def _conditions(
     """Succeeded/Failed/Suspended/Queued for this phase, keeping transition times that did not move."""
     prev = {c.get("type", ""): c for c in current}
 
-    def was(ctype: str) -> bool:
-        return (prev.get(ctype) or {}).get("status") == "True"
+    def was(ctype: str, reason: str) -> bool:
+        """True before, or already flipped back for `reason`: the reason of a False stays put."""
+        old = prev.get(ctype) or {}
+        return old.get("status") == "True" or old.get("reason") == reason
 
     if phase is Phase.SUCCEEDED:
         succeeded = ("True", "AllStagesSucceeded", "every stage succeeded")
@@ -387,7 +389,7 @@ def _conditions(
             f"spec.suspend is true; job {job} is suspended (its pods are deleted)",
         )
     else:
-        suspended = ("False", "Resumed" if was(SUSPENDED) else "NotSuspended", "")
+        suspended = ("False", "Resumed" if was(SUSPENDED, "Resumed") else "NotSuspended", "")
     if phase is Phase.QUEUED:
         queued = (
             "True",
@@ -395,7 +397,7 @@ def _conditions(
             f"job {job} is suspended until its queue (e.g. Kueue) admits it",
         )
     else:
-        queued = ("False", "Admitted" if was(QUEUED) else "NotQueued", "")
+        queued = ("False", "Admitted" if was(QUEUED, "Admitted") else "NotQueued", "")
     out = [
         _condition(prev, ctype, *values, now, generation)
         for ctype, values in zip(CONDITION_TYPES, (succeeded, failed, suspended, queued), strict=True)

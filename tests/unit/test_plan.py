@@ -428,6 +428,10 @@ def test_resume_unsuspends_and_emits_resumed() -> None:
     assert w.status["phase"] == "Pending"
     assert w.condition("Suspended")["reason"] == "Resumed"
     assert w.reasons()[-1] == "Resumed"
+    w.running("r1-pretrain")
+    w.reconcile()
+    assert w.condition("Suspended")["reason"] == "Resumed"
+    assert w.reasons().count("Resumed") == 1
 
 
 def test_kueue_suspension_is_queued_and_never_overridden() -> None:
