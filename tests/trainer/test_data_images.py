@@ -1,0 +1,99 @@
+"""Images: LLaVA's expand2square and CLIP preprocessing, identical to the HF processor."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from llava_trainer.data.images import (
+    CLIP_MEAN,
+    CLIP_STD,
+    ClipPreprocess,
+    ImageError,
+    ImagePipeline,
+    background_colour,
+    check_image,
+    expand2square,
+    hf_reference_pixels,
+    load_image,
+)
+from PIL import Image
+
+
+def clip_processor(resolution: int):
+    from transformers import CLIPImageProcessor
+
+    return CLIPImageProcessor(
+        size={"shortest_edge": resolution},
+        crop_size={"height": resolution, "width": resolution},
+        image_mean=list(CLIP_MEAN),
+        image_std=list(CLIP_STD),
+    )
+
+
+def noise(width: int, height: int, seed: int = 0) -> Image.Image:
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8))
+
+
+def test_pad_colour_is_the_clip_mean():
+    assert background_colour(CLIP_MEAN) == (122, 116, 104)
+
+
+@pytest.mark.parametrize(("size", "offset"), [((40, 20), (0, 10)), ((20, 40), (10, 0))])
+def test_expand2square_centres_the_image_on_the_mean_colour(size, offset):
+    square = expand2square(Image.new("RGB", size, (255, 0, 0)), (122, 116, 104))
+    assert square.size == (40, 40)
+    pixels = np.asarray(square)
+    x, y = offset
+    assert tuple(pixels[y, x]) == (255, 0, 0)
+    assert tuple(pixels[0, 0]) == (122, 116, 104)
+    assert (pixels == (255, 0, 0)).all(axis=2).sum() == 40 * 20
+
+
+@pytest.mark.parametrize("resolution", [56, 336])
+@pytest.mark.parametrize("aspect", ["square", "pad"])
+@pytest.mark.parametrize("size", [(640, 480), (333, 500), (336, 336), (20, 90), (91, 17)])
+def test_fast_path_is_bit_identical_to_clip_image_processor(resolution, aspect, size):
+    processor = clip_processor(resolution)
+    image = noise(*size)
+    ours = ImagePipeline(processor, aspect)(image)
+    assert ours.dtype == np.float32 and ours.shape == (3, resolution, resolution)
+    assert np.array_equal(ours, hf_reference_pixels(processor, image, aspect))
+
+
+def test_processor_values_are_read_from_the_processor():
+    recipe = ClipPreprocess.from_processor(clip_processor(336))
+    assert recipe.resolution == (336, 336)
+    assert recipe.resized_size(640, 480) == (448, 336)
+    table = recipe.lookup_table()
+    assert table.shape == (3, 256) and table[0, 0] == pytest.approx(-CLIP_MEAN[0] / CLIP_STD[0], rel=1e-6)
+
+
+def test_a_missing_image_is_an_error_naming_the_file(tmp_path):
+    path = tmp_path / "coco" / "train2017" / "000000000009.jpg"
+    with pytest.raises(ImageError, match=r"000000000009\.jpg") as err:
+        load_image(path)
+    assert err.value.problem == "missing" and err.value.path == str(path)
+
+
+def test_a_truncated_jpeg_is_an_error_naming_the_file(tmp_path):
+    path = tmp_path / "broken.jpg"
+    noise(64, 48).save(path, "JPEG")
+    path.write_bytes(path.read_bytes()[:300])
+    with pytest.raises(ImageError, match=r"broken\.jpg") as err:
+        load_image(path)
+    assert err.value.problem == "corrupt"
+    assert check_image(path) == ("corrupt", None)
+
+
+def test_check_image_reports_the_real_format(tmp_path):
+    path = tmp_path / "really_a_png.jpg"
+    noise(30, 30).save(path, "PNG")
+    assert check_image(path) == (None, "PNG")
+    assert check_image(tmp_path / "nope.jpg") == ("missing", None)
+
+
+def test_grayscale_and_palette_images_become_rgb(tmp_path):
+    path = tmp_path / "gray.png"
+    Image.new("L", (30, 20), 77).save(path)
+    pixels = ImagePipeline(clip_processor(56), "pad").load(path)
+    assert pixels.shape == (3, 56, 56)

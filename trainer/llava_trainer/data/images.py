@@ -1,0 +1,212 @@
+"""Image loading and CLIP preprocessing, bit-identical to LLaVA's path, with less work.
+
+LLaVA: PIL open → RGB → (finetune `pad`) expand2square on the CLIP mean colour → CLIPImageProcessor
+(resize shortest edge, bicubic; center crop; rescale; normalize). The HF processor does the resize
+in PIL on uint8, then converts to float64 and back, and normalises in several full-image passes.
+`ClipPreprocess` does the same PIL resize and crop, then one lookup-table pass per channel
+(uint8 → normalised float32), whose table is computed with exactly the HF arithmetic: same values.
+A missing or undecodable image raises `ImageError` naming the file; never a blank image.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+class ImageError(Exception):
+    """A sample's image is missing or cannot be decoded; `path` names the file."""
+
+    def __init__(self, path: str | Path, problem: str, detail: str = "") -> None:
+        super().__init__(f"{problem} image {path}" + (f": {detail}" if detail else ""))
+        self.path = str(path)
+        self.problem = problem
+        """"missing" or "corrupt"."""
+
+
+def load_image(path: str | Path) -> Image.Image:
+    """Decode an image fully (so truncated files fail here, not later) and convert to RGB."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # PIL's palette/transparency chatter
+            with Image.open(path) as image:
+                image.load()
+                return image.convert("RGB")
+    except FileNotFoundError:
+        raise ImageError(path, "missing") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+        raise ImageError(path, "corrupt", str(err)) from None
+
+
+def check_image(path: str | Path, *, decode: bool = True) -> tuple[str | None, str | None]:
+    """(problem, format) of an image file: problem is None, "missing" or "corrupt".
+
+    JPEGs are decoded at reduced DCT scale (`draft`): every entropy-coded byte is still read, so
+    truncation and corruption are still found, at a fraction of the cost.
+    """
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with Image.open(path) as image:
+                fmt = image.format
+                if decode:
+                    if fmt == "JPEG":
+                        image.draft("RGB", (64, 64))
+                    image.load()
+                return None, fmt
+    except FileNotFoundError:
+        return "missing", None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+        return "corrupt", None
+
+
+def background_colour(image_mean: tuple[float, ...] | list[float]) -> tuple[int, ...]:
+    """LLaVA's pad colour: the processor mean as ints, (122, 116, 104) for CLIP."""
+    return tuple(int(x * 255) for x in image_mean)
+
+
+def expand2square(image: Image.Image, background: tuple[int, ...]) -> Image.Image:
+    """Centre a non-square image on a square canvas of the background colour (LLaVA `expand2square`)."""
+    width, height = image.size
+    if width == height:
+        return image
+    side = max(width, height)
+    canvas = Image.new(image.mode, (side, side), background)
+    canvas.paste(image, (0, (side - height) // 2) if width > height else ((side - width) // 2, 0))
+    return canvas
+
+
+def _size_dict(value: Any) -> dict[str, int]:
+    if isinstance(value, int):
+        return {"shortest_edge": value}
+    return {k: int(v) for k, v in dict(value).items() if v is not None}
+
+
+@dataclass(frozen=True)
+class ClipPreprocess:
+    """The CLIPImageProcessor recipe as plain values, applied with PIL + one table lookup."""
+
+    size: dict[str, int]
+    crop_size: dict[str, int]
+    image_mean: tuple[float, float, float] = CLIP_MEAN
+    image_std: tuple[float, float, float] = CLIP_STD
+    rescale_factor: float = 1 / 255
+    resample: int = Image.Resampling.BICUBIC
+    do_resize: bool = True
+    do_center_crop: bool = True
+    do_rescale: bool = True
+    do_normalize: bool = True
+
+    @classmethod
+    def from_processor(cls, processor: Any) -> ClipPreprocess:
+        """Read the recipe off a loaded (HF) CLIP image processor."""
+        return cls(
+            size=_size_dict(processor.size),
+            crop_size=_size_dict(processor.crop_size),
+            image_mean=tuple(processor.image_mean),
+            image_std=tuple(processor.image_std),
+            rescale_factor=float(processor.rescale_factor),
+            resample=int(processor.resample),
+            do_resize=bool(processor.do_resize),
+            do_center_crop=bool(processor.do_center_crop),
+            do_rescale=bool(processor.do_rescale),
+            do_normalize=bool(processor.do_normalize),
+        )
+
+    @property
+    def resolution(self) -> tuple[int, int]:
+        """(height, width) of the output."""
+        if self.do_center_crop:
+            return self.crop_size["height"], self.crop_size["width"]
+        return self.size.get("height", self.size.get("shortest_edge", 0)), self.size.get(
+            "width", self.size.get("shortest_edge", 0)
+        )
+
+    def resized_size(self, width: int, height: int) -> tuple[int, int]:
+        """(width, height) after the resize step, with HF's integer arithmetic."""
+        if "shortest_edge" in self.size:
+            target = self.size["shortest_edge"]
+            short, long = (width, height) if width <= height else (height, width)
+            new_short, new_long = target, int(target * long / short)
+            return (new_short, new_long) if width <= height else (new_long, new_short)
+        return self.size["width"], self.size["height"]
+
+    def lookup_table(self) -> np.ndarray:
+        """[3, 256] float32: the normalised value of every uint8 level, computed as HF does."""
+        levels = np.arange(256, dtype=np.float64)
+        scaled = (levels * self.rescale_factor if self.do_rescale else levels).astype(np.float32)
+        scaled = np.broadcast_to(scaled, (3, 256))
+        if not self.do_normalize:
+            return np.ascontiguousarray(scaled)
+        mean = np.asarray(self.image_mean, dtype=np.float32)[:, None]
+        std = np.asarray(self.image_std, dtype=np.float32)[:, None]
+        return np.ascontiguousarray((scaled - mean) / std)
+
+    def __call__(self, image: Image.Image, table: np.ndarray | None = None) -> np.ndarray:
+        """[3, H, W] float32 pixel values of an RGB image."""
+        if self.do_resize:
+            size = self.resized_size(*image.size)
+            if size != image.size:
+                image = image.resize(size, resample=self.resample)
+        if self.do_center_crop:
+            crop_h, crop_w = self.crop_size["height"], self.crop_size["width"]
+            width, height = image.size
+            if crop_w > width or crop_h > height:
+                raise ValueError(f"image {image.size} smaller than the crop {crop_w}x{crop_h}")
+            top, left = (height - crop_h) // 2, (width - crop_w) // 2
+            if (crop_w, crop_h) != image.size:
+                image = image.crop((left, top, left + crop_w, top + crop_h))
+        pixels = np.asarray(image)
+        table = self.lookup_table() if table is None else table
+        out = np.empty((3, *pixels.shape[:2]), dtype=np.float32)
+        for channel in range(3):
+            np.take(table[channel], pixels[:, :, channel], out=out[channel])
+        return out
+
+
+class ImagePipeline:
+    """File → pixel values for one aspect-ratio policy ("square": CLIP crop, "pad": expand2square).
+
+    Uses `ClipPreprocess` when the processor is a CLIP-style one and falls back to calling the HF
+    processor itself otherwise (still correct, slower).
+    """
+
+    def __init__(self, processor: Any, aspect_ratio: str = "square") -> None:
+        if aspect_ratio not in ("square", "pad"):
+            raise ValueError(f"image_aspect_ratio must be 'square' or 'pad', got {aspect_ratio!r}")
+        self.processor = processor
+        self.aspect_ratio = aspect_ratio
+        self.background = background_colour(processor.image_mean)
+        try:
+            self.fast: ClipPreprocess | None = ClipPreprocess.from_processor(processor)
+            self.table = self.fast.lookup_table()
+        except (AttributeError, KeyError, TypeError, ValueError):
+            self.fast, self.table = None, None
+
+    def __call__(self, image: Image.Image) -> np.ndarray:
+        if self.aspect_ratio == "pad":
+            image = expand2square(image, self.background)
+        if self.fast is not None:
+            try:
+                return self.fast(image, self.table)
+            except ValueError:
+                pass  # an image smaller than the crop: HF pads it; let HF do it
+        return np.asarray(self.processor(image, return_tensors="np")["pixel_values"][0], dtype=np.float32)
+
+    def load(self, path: str | Path) -> np.ndarray:
+        return self(load_image(path))
+
+
+def hf_reference_pixels(processor: Any, image: Image.Image, aspect_ratio: str) -> np.ndarray:
+    """What LLaVA computes (`expand2square` + `processor.preprocess`), for tests and the benchmark."""
+    if aspect_ratio == "pad":
+        image = expand2square(image, background_colour(processor.image_mean))
+    return np.asarray(processor.preprocess(image, return_tensors="np")["pixel_values"][0])

@@ -1,0 +1,159 @@
+"""The per-sample index prepare writes and training reuses (config.index_path).
+
+`index.json` holds what was indexed (data file signature, template, tokenizer fingerprint) and
+prepare's report; each dataset's per-sample arrays live beside it in `index-<name>.npz` (a few
+bytes per sample: 665K samples ≈ 15 MB). Lengths are stored without image tokens, so one index
+serves any vision tower: length = text_tokens + num_images * num_image_tokens.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .formats import SOURCES, MalformedRecord, iter_json_array, parse_record, record_source
+
+INDEX_VERSION = 1
+
+FLAG_MALFORMED = 1
+FLAG_MISSING_IMAGE = 2
+FLAG_CORRUPT_IMAGE = 4
+FLAG_MISMATCH = 8
+FLAG_NOT_JPG = 16
+FLAG_BAD_IMAGE = FLAG_MISSING_IMAGE | FLAG_CORRUPT_IMAGE
+
+ARRAYS = ("offset", "nbytes", "text_tokens", "num_images", "image_end_text", "flags", "source")
+
+
+@dataclass
+class DatasetIndex:
+    """Per-sample arrays of one LLaVA JSON file; `measured` says whether lengths are real tokens
+    (prepare) or LLaVA's whitespace word-count proxy (a quick scan at start-up)."""
+
+    offset: np.ndarray
+    nbytes: np.ndarray
+    text_tokens: np.ndarray
+    num_images: np.ndarray
+    image_end_text: np.ndarray
+    """Text tokens before the end of the last image block (image tokens not counted)."""
+    flags: np.ndarray
+    source: np.ndarray
+    measured: bool
+
+    def __len__(self) -> int:
+        return len(self.offset)
+
+    def lengths(self, num_image_tokens: int) -> np.ndarray:
+        return self.text_tokens.astype(np.int64) + self.num_images.astype(np.int64) * num_image_tokens
+
+    def image_end(self, num_image_tokens: int) -> np.ndarray:
+        """Tokens that must fit for the images to be kept whole (0 without images)."""
+        end = self.image_end_text.astype(np.int64) + self.num_images.astype(np.int64) * num_image_tokens
+        return np.where(self.num_images > 0, end, 0)
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        return {name: getattr(self, name) for name in ARRAYS}
+
+
+def empty_arrays(n: int) -> dict[str, np.ndarray]:
+    return {
+        "offset": np.zeros(n, np.int64),
+        "nbytes": np.zeros(n, np.int64),
+        "text_tokens": np.zeros(n, np.int32),
+        "num_images": np.zeros(n, np.int16),
+        "image_end_text": np.zeros(n, np.int32),
+        "flags": np.zeros(n, np.uint8),
+        "source": np.zeros(n, np.uint8),
+    }
+
+
+def file_signature(path: Path) -> dict[str, int]:
+    stat = path.stat()
+    return {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+
+
+def word_count(turns: Any) -> int:
+    """LLaVA's `modality_lengths` proxy: whitespace-separated words over all turns."""
+    return sum(len(str(turn.get("value", "")).split()) for turn in turns if isinstance(turn, dict))
+
+
+def scan_dataset(path: Path, stage: str) -> DatasetIndex:
+    """A quick index without a tokenizer: offsets, image counts and word-count lengths."""
+    columns: dict[str, list[int]] = {name: [] for name in ARRAYS}
+    for offset, nbytes, record in iter_json_array(path):
+        flags, images, words, source = 0, 0, 0, SOURCES.index("other")
+        try:
+            conversation = parse_record(record)
+            images, words = len(conversation.images), word_count(record["conversations"])
+            source = SOURCES.index(record_source(conversation.images, stage))
+        except MalformedRecord:
+            flags = FLAG_MALFORMED
+        for name, value in zip(ARRAYS, (offset, nbytes, words, images, 0, flags, source), strict=True):
+            columns[name].append(value)
+    arrays = empty_arrays(len(columns["offset"]))
+    for name in ARRAYS:
+        arrays[name][:] = columns[name]
+    return DatasetIndex(**arrays, measured=False)
+
+
+def write_index(
+    index_path: Path, datasets: dict[str, tuple[DatasetIndex, dict[str, Any]]], meta: dict[str, Any]
+) -> None:
+    """Write the arrays, then index.json last (atomically), so a reader never sees a half index."""
+    index_path.parent.mkdir(parents=True, exist_ok=True)
+    entries = {}
+    for name, (index, info) in datasets.items():
+        arrays_file = f"index-{name}.npz"
+        _atomic_write(index_path.parent / arrays_file, lambda f, index=index: np.savez(f, **index.arrays()))
+        entries[name] = {**info, "arrays": arrays_file, "records": len(index), "measured": index.measured}
+    body = {"version": INDEX_VERSION, **meta, "datasets": entries}
+    _atomic_write(index_path, lambda f: f.write(json.dumps(body, indent=2, sort_keys=False).encode()))
+
+
+def _atomic_write(path: Path, write: Any) -> None:
+    with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", delete=False) as f:
+        write(f)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(f.name, 0o666 & ~umask)
+    os.replace(f.name, path)
+
+
+def load_index(
+    index_path: Path, data_path: Path, *, template: str, tokenizer_fingerprint: str
+) -> tuple[DatasetIndex | None, str]:
+    """The index of `data_path` if prepare's index matches it, else (None, why not)."""
+    try:
+        body = json.loads(index_path.read_text())
+    except FileNotFoundError:
+        return None, f"no index at {index_path}"
+    except (OSError, ValueError) as err:
+        return None, f"unreadable index {index_path}: {err}"
+    if body.get("version") != INDEX_VERSION:
+        return None, f"index version {body.get('version')} != {INDEX_VERSION}"
+    entry = next(
+        (e for e in body.get("datasets", {}).values() if Path(e.get("path", "")) == data_path.resolve()), None
+    )
+    if entry is None:
+        return None, f"{data_path} is not in the index"
+    if entry.get("signature") != file_signature(data_path):
+        return None, f"{data_path} changed since it was indexed"
+    # Word-count indexes (prepare --measure-lengths false) hold no template- or tokenizer-specific values.
+    if entry.get("measured") and entry.get("template") != template:
+        return None, f"indexed with template {entry.get('template')!r}, training uses {template!r}"
+    if entry.get("measured") and entry.get("tokenizer") != tokenizer_fingerprint:
+        return None, "indexed with a different tokenizer"
+    try:
+        with np.load(index_path.parent / entry["arrays"]) as arrays:
+            index = DatasetIndex(
+                **{name: arrays[name] for name in ARRAYS}, measured=bool(entry.get("measured"))
+            )
+    except (OSError, KeyError, ValueError) as err:
+        return None, f"unreadable index arrays: {err}"
+    return index, "ok"
