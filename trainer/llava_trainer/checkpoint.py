@@ -1,0 +1,163 @@
+"""Atomic, resumable training checkpoints under `<stage output>/checkpoints/checkpoint-<step>`.
+
+A checkpoint is written into `.tmp-checkpoint-<step>`, completed with a `COMPLETE` marker, then
+renamed; a directory named `checkpoint-<step>` with the marker is therefore always whole, and a
+kill at any moment leaves at worst a temporary directory that the next start removes (DESIGN §3).
+
+Contents: DeepSpeed's engine checkpoint (trainable weights only, optimizer and scheduler state,
+every rank's ZeRO partitions) in `ds/`, and per rank `trainer_state_rank<r>.pt` (data loader
+position, RNG states). `trainer_state.json` records step, epoch and world size for humans and for
+the resume check. The output directory must be shared by all ranks (one PVC), as DeepSpeed's
+own checkpoints assume.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import re
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .distributed import World, all_reduce_floats, barrier
+
+log = logging.getLogger(__name__)
+
+PREFIX = "checkpoint-"
+TMP_PREFIX = ".tmp-checkpoint-"
+COMPLETE = "COMPLETE"
+DS_TAG = "ds"
+_NAME = re.compile(rf"^{PREFIX}(\d+)$")
+
+
+@dataclass
+class TrainState:
+    """Where the loop is: optimizer steps done, the epoch they are in, and the running totals."""
+
+    step: int = 0
+    epoch: int = 0
+    samples: int = 0
+    train_seconds: float = 0.0
+
+
+def complete_checkpoints(root: Path) -> list[tuple[int, Path]]:
+    """(step, path) of every complete checkpoint, oldest first."""
+    if not root.is_dir():
+        return []
+    found = []
+    for path in root.iterdir():
+        match = _NAME.match(path.name)
+        if match and (path / COMPLETE).is_file():
+            found.append((int(match.group(1)), path))
+    return sorted(found)
+
+
+def latest_checkpoint(root: Path) -> Path | None:
+    found = complete_checkpoints(root)
+    return found[-1][1] if found else None
+
+
+def rng_state() -> dict[str, Any]:
+    from deepspeed.accelerator import get_accelerator
+
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    accelerator = get_accelerator()
+    if accelerator.device_name() != "cpu":
+        state["accelerator"] = accelerator.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    from deepspeed.accelerator import get_accelerator
+
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "accelerator" in state:
+        get_accelerator().set_rng_state(state["accelerator"])
+
+
+def save_checkpoint(
+    engine: Any, root: Path, state: TrainState, loader_state: dict[str, Any], world: World, keep: int
+) -> tuple[Path, float]:
+    """Write checkpoint-<step> on every rank (collective); returns its path and the seconds it took
+    (the longest rank's), which the SIGTERM handler uses to decide whether another one fits."""
+    started = time.monotonic()
+    final = root / f"{PREFIX}{state.step}"
+    tmp = root / f"{TMP_PREFIX}{state.step}"
+    if world.is_main:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    barrier(world)
+
+    engine.save_checkpoint(str(tmp), tag=DS_TAG, save_latest=False, exclude_frozen_parameters=True)
+    per_rank = {"loader": loader_state, "rng": rng_state(), "train_state": asdict(state)}
+    torch.save(per_rank, tmp / f"trainer_state_rank{world.rank}.pt")
+    barrier(world)
+
+    if world.is_main:
+        summary = {**asdict(state), "world_size": world.world_size, "saved_at": time.time()}
+        (tmp / "trainer_state.json").write_text(json.dumps(summary, indent=2))
+        (tmp / COMPLETE).write_text(json.dumps({"step": state.step}))
+        if final.exists():  # the same step saved again (e.g. SIGTERM right after a resume)
+            _remove(final)
+        tmp.rename(final)
+        _rotate(root, keep)
+    barrier(world)
+    seconds = all_reduce_floats([time.monotonic() - started], world, op="max")[0]
+    log.info("checkpoint %s written in %.1fs", final, seconds)
+    return final, seconds
+
+
+def load_checkpoint(engine: Any, path: Path, world: World) -> tuple[TrainState, dict[str, Any]]:
+    """Restore weights, optimizer, scheduler and RNG from `path`; returns the train state and
+    this rank's data loader state."""
+    summary = json.loads((path / "trainer_state.json").read_text())
+    if summary["world_size"] != world.world_size:
+        raise SystemExit(
+            f"llava-trainer: checkpoint {path} was written by {summary['world_size']} processes but "
+            f"this run has {world.world_size}; ZeRO partitions and data positions are per process. "
+            "Resume with the same number of nodes x processes per node, or move the checkpoint away."
+        )
+    load_path, _ = engine.load_checkpoint(
+        str(path),
+        tag=DS_TAG,
+        load_module_strict=False,
+        load_optimizer_states=True,
+        load_lr_scheduler_states=True,
+    )
+    if load_path is None:
+        raise RuntimeError(f"DeepSpeed could not load the checkpoint in {path}")
+    per_rank = torch.load(path / f"trainer_state_rank{world.rank}.pt", map_location="cpu", weights_only=False)
+    set_rng_state(per_rank["rng"])
+    return TrainState(**per_rank["train_state"]), per_rank["loader"]
+
+
+def remove_incomplete(root: Path) -> None:
+    """Delete temporary and unmarked checkpoint directories left by a killed run (rank 0)."""
+    if not root.is_dir():
+        return
+    for path in root.iterdir():
+        if path.name.startswith(TMP_PREFIX) or (_NAME.match(path.name) and not (path / COMPLETE).exists()):
+            log.info("removing incomplete checkpoint %s", path)
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _rotate(root: Path, keep: int) -> None:
+    for _, path in complete_checkpoints(root)[:-keep]:
+        log.info("removing old checkpoint %s (--save-total-limit %d)", path, keep)
+        _remove(path)
+
+
+def _remove(path: Path) -> None:
+    # Drop the marker first: a half-deleted directory must never look complete.
+    (path / COMPLETE).unlink(missing_ok=True)
+    shutil.rmtree(path, ignore_errors=True)

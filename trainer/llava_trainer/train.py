@@ -1,0 +1,533 @@
+"""`llava-trainer pretrain` and `llava-trainer finetune`: the training loop on DeepSpeed.
+
+Read `train()` top to bottom: set up (precision, tokenizer, model, data, DeepSpeed), resume from
+the newest complete checkpoint, loop over optimizer steps (log, report, checkpoint, honour
+SIGTERM), then save the final checkpoint and export a Hugging Face model directory.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import checkpoint
+from . import model as llava_model
+from .checkpoint import TrainState
+from .config import EXPORT_DIR, PROJECTOR_FILE, TrainConfig, config_to_args
+from .deepspeed_config import batch_layout, build_deepspeed_config
+from .distributed import (
+    World,
+    all_reduce_floats,
+    barrier,
+    init_distributed,
+    relaunch_under_torchrun_if_needed,
+)
+from .metrics import LlavaShape, Throughput, TrainingLog, batch_flops, flagperf_flops, resolve_peak_tflops
+from .status import StatusReporter
+
+log = logging.getLogger("llava_trainer.train")
+
+EXIT_TERMINATED = 143
+"""128 + SIGTERM: the stage failed on purpose so the operator retries it (and we resume)."""
+DEFAULT_GRACE_SECONDS = 25.0
+
+
+def run(config: TrainConfig) -> int:
+    """Entry point of the `pretrain` / `finetune` commands."""
+    relaunch_under_torchrun_if_needed([config.stage, *config_to_args(config)])
+    world = init_distributed()
+    _setup_logging(world)
+    try:
+        return train(config, world)
+    finally:
+        from .distributed import shutdown
+
+        shutdown()
+
+
+@dataclass
+class TextSide:
+    """What the data pipeline and the model share about tokens and images."""
+
+    tokenizer: Any
+    image_processor: Any
+    image_token_id: int
+    num_image_tokens: int
+
+
+def train(config: TrainConfig, world: World) -> int:
+    started = time.monotonic()
+    stage = config.stage
+    torch.manual_seed(config.seed)  # same on every rank: the new projector must start identical
+    if world.device_type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True  # LLaVA's --tf32 True
+        torch.backends.cudnn.allow_tf32 = True
+
+    # --- precision, tokenizer, batch layout, DeepSpeed config -------------------------------
+    precision, why = llava_model.choose_precision(config.precision, world.device_type)
+    text = load_text_side(config)
+    layout = batch_layout(config.global_batch_size, config.micro_batch_size, world.world_size)
+    llm_config = llava_model.language_model_config(config.resolve(config.language_model))
+    ds_config = build_deepspeed_config(config, layout, precision, llm_config.hidden_size)
+
+    # --- model: assemble, load pretrain's projector, freeze -----------------------------------
+    attn = llava_model.attention_implementation(world.device_type, precision)
+    model = llava_model.build_llava(
+        language_model=config.resolve(config.language_model),
+        vision_tower=config.resolve(config.vision_tower),
+        vocab_size=len(text.tokenizer),
+        image_token_id=text.image_token_id,
+        pad_token_id=text.tokenizer.pad_token_id,
+        precision=precision,
+        device=world.device,
+        zero3_config=ds_config if config.zero_stage == 3 else None,
+        attn_implementation=attn,
+    )
+    shape = LlavaShape.from_config(model.config)
+    if shape.image_tokens != text.num_image_tokens:
+        raise SystemExit(
+            f"llava-trainer: the data pipeline expands <image> into {text.num_image_tokens} tokens but the "
+            f"vision tower {config.vision_tower} yields {shape.image_tokens} per image"
+        )
+    if stage == "finetune":
+        llava_model.load_projector(model, config.projector_path)
+    trainable = llava_model.freeze_for_stage(model, stage)
+    if config.gradient_checkpointing:
+        llava_model.enable_gradient_checkpointing(model)
+
+    # --- data and schedule --------------------------------------------------------------------
+    loader = build_loader(config, text, world)
+    steps_per_epoch = len(loader) // layout.gradient_accumulation_steps
+    if steps_per_epoch == 0:
+        raise SystemExit(
+            f"llava-trainer: {len(loader)} micro-batches per process per epoch is less than one optimizer "
+            f"step ({layout.gradient_accumulation_steps} micro-batches); lower --global-batch-size"
+        )
+    total_steps = steps_per_epoch * config.epochs
+    if config.max_steps:
+        total_steps = min(total_steps, config.max_steps)
+    warmup_steps = math.ceil(config.warmup_ratio * total_steps)
+
+    # --- DeepSpeed ------------------------------------------------------------------------------
+    import deepspeed
+
+    engine, _, _, _ = deepspeed.initialize(
+        model=model,
+        model_parameters=_parameter_groups(model, config.weight_decay),
+        config=ds_config,
+        lr_scheduler=partial(_lr_schedule, config.lr_scheduler, warmup_steps, total_steps),
+    )
+
+    # --- observability and resume ------------------------------------------------------------------
+    out = config.stage_output
+    peak, peak_source = resolve_peak_tflops(config.peak_tflops, world.device_type, world.device_name)
+    progress = ProgressLog(out, stage, world, shape, peak, total_steps, steps_per_epoch)
+    progress.event(
+        "start",
+        world_size=world.world_size,
+        device=world.device_name,
+        backend=world.backend,
+        precision=precision,
+        precision_note=why,
+        attention=attn,
+        trainable_parameters=trainable,
+        llm_parameters=shape.llm_params,
+        steps_per_epoch=steps_per_epoch,
+        total_steps=total_steps,
+        warmup_steps=warmup_steps,
+        gradient_accumulation_steps=layout.gradient_accumulation_steps,
+        peak_tflops=peak,
+        peak_source=peak_source,
+        deepspeed=ds_config,
+    )
+    if why:
+        log.warning("%s", why)
+    ckpt_root = out / "checkpoints"
+    state, loader_state = resume(engine, ckpt_root, world, progress)
+    progress.begin(state.step)
+    last_ckpt_seconds: float | None = None
+
+    # --- the loop -----------------------------------------------------------------------------------
+    engine.train()
+    with GracefulStop() as stop:
+        for epoch in range(state.epoch, config.epochs):
+            if state.step >= total_steps:
+                break
+            loader.set_epoch(epoch)
+            if loader_state is not None and state.step % steps_per_epoch:
+                loader.load_state_dict(loader_state)  # mid-epoch resume: continue where it stopped
+            loader_state = None
+            batches = iter(loader)
+            while state.step < min(total_steps, (epoch + 1) * steps_per_epoch):
+                for _ in range(layout.gradient_accumulation_steps):
+                    batch = next(batches, None)
+                    if batch is None:
+                        raise RuntimeError(
+                            f"the data loader ended before the {len(loader)} micro-batches it announced"
+                        )
+                    loss = forward_loss(engine, batch, world)
+                    engine.backward(loss)
+                    engine.step()  # DeepSpeed steps optimizer and scheduler at the accumulation boundary
+                    progress.micro_batch(batch, loss)
+                state.step += 1
+                state.epoch = state.step // steps_per_epoch
+
+                terminating = stop.requested_anywhere(world)
+                if state.step % config.logging_steps == 0 or state.step == total_steps or terminating:
+                    progress.log_step(state, engine)
+                if terminating:
+                    return terminate(
+                        engine, ckpt_root, state, loader, world, config, stop, last_ckpt_seconds, progress
+                    )
+                if state.step % config.save_steps == 0 and state.step < total_steps:
+                    _, last_ckpt_seconds = checkpoint.save_checkpoint(
+                        engine, ckpt_root, state, loader.state_dict(), world, config.save_total_limit
+                    )
+
+    # --- the end: final checkpoint, export, results ----------------------------------------------
+    if checkpoint.latest_checkpoint(ckpt_root) != ckpt_root / f"{checkpoint.PREFIX}{state.step}":
+        checkpoint.save_checkpoint(
+            engine, ckpt_root, state, loader.state_dict(), world, config.save_total_limit
+        )
+    export_dir, projector = export(engine, config, text, world)
+    progress.finish(
+        state,
+        checkpoint=str(export_dir),
+        projector=str(projector) if projector else None,
+        duration_seconds=round(time.monotonic() - started, 1),
+    )
+    return 0
+
+
+# --- the pieces the loop names ------------------------------------------------------------------
+
+_PROGRESS_FIELDS = {
+    "step",
+    "total_steps",
+    "epoch",
+    "loss",
+    "learning_rate",
+    "grad_norm",
+    "samples_per_second",
+    "tokens_per_second",
+    "padded_tokens_per_second",
+    "mfu",
+    "mfu_flagperf",
+    "gpu_memory_gib",
+    "eta_seconds",
+}
+
+
+def load_text_side(config: TrainConfig) -> TextSide:
+    """Tokenizer extended with <image> and <pad> (as HF's llava-1.5), the CLIP image processor, and
+    how many tokens each image becomes (llava_trainer.tokenizer)."""
+    from transformers import CLIPImageProcessor
+
+    from .tokenizer import llava_tokens, load_tokenizer
+
+    tokenizer = load_tokenizer(config.resolve(config.language_model), max_length=config.max_length)
+    tokens = llava_tokens(tokenizer, config.resolve(config.vision_tower))
+    image_processor = CLIPImageProcessor.from_pretrained(config.resolve(config.vision_tower))
+    return TextSide(tokenizer, image_processor, tokens.image_token_id, tokens.num_image_tokens)
+
+
+def build_loader(config: TrainConfig, text: TextSide, world: World) -> Any:
+    """This rank's micro-batches (llava_trainer.data)."""
+    from .data import build_train_loader
+
+    return build_train_loader(
+        config,
+        text.tokenizer,
+        text.image_processor,
+        rank=world.rank,
+        world_size=world.world_size,
+        num_image_tokens=text.num_image_tokens,
+        image_token_id=text.image_token_id,
+    )
+
+
+def count_batch(batch: dict[str, Any], shape: LlavaShape, stage: str) -> Throughput:
+    """Samples, real and padded tokens, images and model FLOPs of one micro-batch (this rank)."""
+    mask = batch["attention_mask"]
+    lengths = mask.sum(dim=1).tolist()
+    images = int(batch.get("num_images", batch["pixel_values"].shape[0] if "pixel_values" in batch else 0))
+    padded = int(batch["input_ids"].numel())
+    return Throughput(
+        samples=int(batch.get("num_samples", len(lengths))),
+        real_tokens=int(sum(lengths)),
+        padded_tokens=padded,
+        images=images,
+        flops=batch_flops(shape, stage, lengths, images),  # type: ignore[arg-type]
+        flagperf_flops=flagperf_flops(shape, stage, padded),  # type: ignore[arg-type]
+    )
+
+
+def forward_loss(engine: Any, batch: dict[str, Any], world: World) -> torch.Tensor:
+    """The LM loss of one micro-batch. A text-only micro-batch on several ranks also runs the vision
+    tower and projector on a blank image (weight 0), as LLaVA does: under ZeRO every rank must
+    gather and reduce the same parameters in the same order, or the collectives deadlock."""
+    dtype = next(p for p in engine.module.parameters()).dtype
+    inputs = {
+        k: batch[k].to(world.device, non_blocking=True) for k in ("input_ids", "attention_mask", "labels")
+    }
+    if "pixel_values" in batch:
+        inputs["pixel_values"] = batch["pixel_values"].to(world.device, dtype=dtype, non_blocking=True)
+        return engine(**inputs).loss
+    if world.world_size == 1:
+        return engine(**inputs).loss
+    vision = engine.module.config.vision_config
+    blank = torch.zeros(
+        1, vision.num_channels, vision.image_size, vision.image_size, device=world.device, dtype=dtype
+    )
+    features = engine.module.model.get_image_features(pixel_values=blank).pooler_output
+    loss = engine(**inputs).loss
+    return loss + 0.0 * sum(f.sum() for f in features)
+
+
+def export(engine: Any, config: TrainConfig, text: TextSide, world: World) -> tuple[Path, Path | None]:
+    """The HF model directory (and, for pretrain, mm_projector.bin). Under ZeRO-3 the 16-bit
+    weights are gathered layer by layer to rank 0 first (a collective)."""
+    if config.zero_stage == 3:
+        state_dict = engine._zero3_consolidated_16bit_state_dict()
+    else:
+        state_dict = engine.module.state_dict() if world.is_main else None
+    out = config.stage_output
+    export_dir, projector = out / EXPORT_DIR, None
+    if world.is_main:
+        processor = llava_model.build_processor(
+            text.tokenizer, text.image_processor, engine.module.config, config.image_aspect_ratio
+        )
+        llava_model.export_model(engine.module, state_dict, processor, export_dir)
+        if config.stage == "pretrain":
+            projector = out / PROJECTOR_FILE
+            llava_model.save_projector(state_dict, projector)
+    barrier(world)
+    return export_dir, projector if config.stage == "pretrain" else None
+
+
+def _parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Trainable parameters; no weight decay on biases and norm weights (as HF Trainer)."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            (no_decay if param.ndim < 2 or name.endswith(".bias") else decay).append(param)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
+def _lr_schedule(kind: str, warmup_steps: int, total_steps: int, optimizer: torch.optim.Optimizer) -> Any:
+    """HF's schedules (what LLaVA's Trainer used): linear warmup, then cosine / linear / constant."""
+    from transformers import get_scheduler
+
+    name = "constant_with_warmup" if kind == "constant" else kind
+    return get_scheduler(name, optimizer, num_warmup_steps=warmup_steps, num_training_steps=total_steps)
+
+
+def _grad_norm(engine: Any) -> float | None:
+    norm = engine.get_global_grad_norm()
+    if norm is None:
+        return None
+    return float(norm.item() if isinstance(norm, torch.Tensor) else norm)
+
+
+def _device_memory_gib(world: World) -> float | None:
+    """Peak accelerator memory since start; None on CPU (host RSS is not device memory)."""
+    if world.device_type == "cpu":
+        return None
+    from deepspeed.accelerator import get_accelerator
+
+    return round(get_accelerator().max_memory_allocated(world.local_rank) / 2**30, 2)
+
+
+def _now(world: World) -> float:
+    """Wall time after the device has finished its queued work (so windows time real work)."""
+    if world.device_type != "cpu":
+        from deepspeed.accelerator import get_accelerator
+
+        get_accelerator().synchronize()
+    return time.monotonic()
+
+
+class ProgressLog:
+    """Everything rank 0 reports: JSON log lines, TensorBoard, the LlavaRun status. Counters are
+    per rank and summed over ranks only at logging steps (one collective per log)."""
+
+    def __init__(
+        self,
+        out: Path,
+        stage: str,
+        world: World,
+        shape: LlavaShape,
+        peak: float | None,
+        total_steps: int,
+        steps_per_epoch: int,
+    ) -> None:
+        self.stage, self.world, self.shape, self.peak = stage, world, shape, peak
+        self.total_steps, self.steps_per_epoch = total_steps, steps_per_epoch
+        self.log = TrainingLog(out / "tensorboard", stage=stage, enabled=world.is_main)
+        self.status = StatusReporter.from_env() if world.is_main else StatusReporter()
+        self.status.stage = self.status.stage or stage
+        self.window, self.stage_totals = Throughput(), Throughput()
+        self.loss_sum: torch.Tensor | None = None
+        self.loss_count = 0
+        self.last_loss = float("nan")
+        self.start_step, self.loop_seconds, self.window_started = 0, 0.0, 0.0
+
+    def event(self, name: str, **fields: Any) -> None:
+        self.log.event(name, **fields)
+
+    def begin(self, step: int) -> None:
+        self.start_step, self.window_started = step, _now(self.world)
+
+    def micro_batch(self, batch: dict[str, Any], loss: torch.Tensor) -> None:
+        self.window.add(count_batch(batch, self.shape, self.stage))
+        value = loss.detach().float()
+        self.loss_sum = value if self.loss_sum is None else self.loss_sum + value
+        self.loss_count += 1
+
+    def log_step(self, state: TrainState, engine: Any) -> None:
+        now = _now(self.world)
+        seconds = now - self.window_started
+        local_loss = float(self.loss_sum.item()) if self.loss_sum is not None else 0.0
+        summed = all_reduce_floats([local_loss, float(self.loss_count), *self.window.as_list()], self.world)
+        self.last_loss = summed[0] / summed[1] if summed[1] else float("nan")
+        window = Throughput.from_list(summed[2:])
+        self.stage_totals.add(window)
+        self.loop_seconds += seconds
+        state.samples += window.samples
+        state.train_seconds += seconds
+        done = state.step - self.start_step
+        record = {
+            "step": state.step,
+            "total_steps": self.total_steps,
+            "epoch": round(state.step / self.steps_per_epoch, 4),
+            "loss": self.last_loss,
+            "learning_rate": engine.get_lr()[0],  # after the step, as HF Trainer logs it
+            "grad_norm": _grad_norm(engine),
+            **window.rates(seconds, self.world.world_size, self.peak),
+            "gpu_memory_gib": _device_memory_gib(self.world),
+            "eta_seconds": int(self.loop_seconds / done * (self.total_steps - state.step)) if done else None,
+        }
+        self.log.event("step", **record)
+        self.log.scalars(state.step, {k: v for k, v in record.items() if isinstance(v, int | float)})
+        progress = {k: v for k, v in record.items() if k in _PROGRESS_FIELDS}
+        self.status.progress(**progress, percent=int(100 * state.step / self.total_steps))
+        self.window, self.loss_sum, self.loss_count, self.window_started = Throughput(), None, 0, now
+
+    def finish(self, state: TrainState, **results: Any) -> None:
+        """The stage's results (this attempt's throughput and MFU) to the log and the status."""
+        rates = self.stage_totals.rates(self.loop_seconds, self.world.world_size, self.peak)
+        results = {
+            "steps": state.step,
+            "samples": state.samples,
+            "final_loss": self.last_loss,
+            **{k: rates[k] for k in ("samples_per_second", "tokens_per_second", "mfu", "mfu_flagperf")},
+            **results,
+        }
+        self.log.event("end", **results)
+        self.status.progress(step=state.step, total_steps=self.total_steps, percent=100, eta_seconds=0)
+        self.status.results(self.stage, {k: v for k, v in results.items() if v is not None and _finite(v)})
+        self.close()
+
+    def close(self) -> None:
+        self.status.flush()
+        self.log.close()
+
+
+def _finite(value: Any) -> bool:
+    return not (isinstance(value, float) and not math.isfinite(value))
+
+
+def resume(engine: Any, root: Path, world: World, progress: ProgressLog) -> tuple[TrainState, dict | None]:
+    """The newest complete checkpoint's state (and this rank's loader position), or a fresh start.
+    Leftovers of a killed save are removed first."""
+    if world.is_main:
+        checkpoint.remove_incomplete(root)
+    barrier(world)
+    latest = checkpoint.latest_checkpoint(root)
+    if latest is None:
+        return TrainState(), None
+    state, loader_state = checkpoint.load_checkpoint(engine, latest, world)
+    progress.event("resume", checkpoint=str(latest), step=state.step, epoch=state.epoch)
+    return state, loader_state
+
+
+class GracefulStop:
+    """SIGTERM (pod deletion, preemption) sets a flag; the loop finishes its step, saves a checkpoint
+    if one fits in the grace period, and exits 143 so the stage is retried and resumes."""
+
+    def __init__(self) -> None:
+        self.signalled_at: float | None = None
+        self._previous: Any = None
+
+    def __enter__(self) -> GracefulStop:
+        self._previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        signal.signal(signal.SIGTERM, self._previous or signal.SIG_DFL)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signalled_at is None:
+            self.signalled_at = time.monotonic()
+            print("llava-trainer: SIGTERM received; stopping after this step", file=sys.stderr, flush=True)
+
+    def requested_anywhere(self, world: World) -> bool:
+        """Whether any rank got the signal (all ranks must stop at the same step)."""
+        local = 1.0 if self.signalled_at is not None else 0.0
+        return all_reduce_floats([local], world, op="max")[0] > 0
+
+    def seconds_left(self, world: World) -> float:
+        grace = float(os.environ.get("LLAVARUN_GRACE_SECONDS", DEFAULT_GRACE_SECONDS))
+        elapsed = time.monotonic() - self.signalled_at if self.signalled_at is not None else 0.0
+        return grace - all_reduce_floats([elapsed], world, op="max")[0]
+
+
+def terminate(
+    engine: Any,
+    ckpt_root: Path,
+    state: TrainState,
+    loader: Any,
+    world: World,
+    config: TrainConfig,
+    stop: GracefulStop,
+    last_ckpt_seconds: float | None,
+    progress: ProgressLog,
+) -> int:
+    """Save if the last checkpoint's duration says another fits in what is left of the grace period
+    (unknown duration: try anyway; a checkpoint cut short is never mistaken for a complete one)."""
+    left = stop.seconds_left(world)
+    fits = last_ckpt_seconds is None or last_ckpt_seconds * 1.25 + 1.0 < left
+    saved = checkpoint.latest_checkpoint(ckpt_root) == ckpt_root / f"{checkpoint.PREFIX}{state.step}"
+    if fits and not saved:
+        checkpoint.save_checkpoint(
+            engine, ckpt_root, state, loader.state_dict(), world, config.save_total_limit
+        )
+        saved = True
+    progress.event("terminated", step=state.step, checkpoint_saved=saved, grace_seconds_left=round(left, 1))
+    progress.close()
+    return EXIT_TERMINATED
+
+
+def _setup_logging(world: World) -> None:
+    """Rank 0 logs at INFO; the others only warnings (and transformers' progress bars off)."""
+    level = logging.INFO if world.is_main else logging.WARNING
+    logging.basicConfig(
+        level=level, format=f"%(asctime)s [rank{world.rank}] %(name)s: %(message)s", stream=sys.stderr
+    )
+    logging.getLogger("llava_trainer").setLevel(level)
+    import transformers
+
+    transformers.logging.set_verbosity_warning() if world.is_main else transformers.logging.set_verbosity_error()
+    if not world.is_main:
+        transformers.utils.logging.disable_progress_bar()
