@@ -276,19 +276,29 @@ class Cluster:
 
         return config.new_client_from_config(config_file=str(kubeconfig or self.kubeconfig))
 
-    def restart_apiserver(self) -> None:
-        """Stop and start kube-apiserver on the same port (clients see a real outage)."""
-        self._restart_apiserver(self._service_account_admission)
+    def restart_apiserver(self, downtime: float = 0.0) -> None:
+        """Stop kube-apiserver, wait *downtime* seconds, start it on the same port and wait for /readyz.
+
+        Clients see a real outage (connection refused, then their watches re-establish).
+        """
+        self._restart_apiserver(self._service_account_admission, downtime)
 
     def restart(self, component: str) -> None:
-        """Restart one running component ("etcd", "apiserver", or an optional one)."""
+        """(Re)start one component ("etcd", "apiserver", or an optional one), stopped or not."""
         if component == "apiserver":
             self.restart_apiserver()
+            return
+        if component == KWOK:
+            self._restart_kwok()
             return
         proc = self.procs[component]
         proc.stop()
         proc.start()
         self._wait_ready(component)
+
+    def stop_component(self, component: str) -> None:
+        """Stop one component (e.g. to simulate an outage); :meth:`restart` brings it back."""
+        self.procs[component].stop()
 
     def create_token(
         self,
@@ -496,16 +506,17 @@ class Cluster:
             self._apiserver_argv(service_account_admission),
             self.logs_dir / "kube-apiserver.log",
             # With watches open it can linger after "Stopped listening"; a restart need not wait.
-            stop_timeout=5,
+            stop_timeout=3,
         )
         self.procs["apiserver"] = proc
         proc.start()
         self._wait_ready("apiserver")
 
-    def _restart_apiserver(self, service_account_admission: bool) -> None:
+    def _restart_apiserver(self, service_account_admission: bool, downtime: float = 0.0) -> None:
         with self._lock:
             old = self.procs["apiserver"]
             old.stop()
+            time.sleep(downtime)
             old.argv = self._apiserver_argv(service_account_admission)
             self._service_account_admission = service_account_admission
             old.start()
@@ -591,6 +602,9 @@ class Cluster:
     def _restart_kwok(self) -> None:
         proc = self.procs[KWOK]
         proc.stop()
+        # Each kwok process has a new identity and would wait for the old one's node Leases to
+        # expire (40 s) before touching those nodes again; they are all ours, so drop them.
+        self.kubectl("delete", "leases", "--all", "-n", "kube-node-lease", "--wait=false")
         proc.argv = self._kwok_argv()
         proc.start()
         self._wait_ready(KWOK)

@@ -229,3 +229,62 @@ def test_apiserver_restart_keeps_state(cluster: Cluster, cluster_namespace: str)
     assert cluster.procs["apiserver"].pid != old_pid
     cm = _get(cluster, "configmap", "survivor", "-n", cluster_namespace)
     assert cm["data"] == {"a": "b"}
+
+
+def test_helm_talks_to_the_cluster(cluster: Cluster) -> None:
+    version = cluster.helm("version", "--template", "{{ .Version }}").stdout.strip()
+    assert version == cluster.versions["HELM_VERSION"]
+    cluster.helm("list", "--all-namespaces")
+
+
+OOM_STAGE = """
+apiVersion: kwok.x-k8s.io/v1alpha1
+kind: Stage
+metadata:
+  name: test-pod-oom
+spec:
+  resourceRef: {apiGroup: v1, kind: Pod}
+  selector:
+    matchLabels: {kwok.llavarun.test/outcome: oom}
+    matchExpressions:
+    - jq: {key: .status.phase, operator: In, values: [Running]}
+  steps:
+  - patch:
+      subresource: status
+      root: status
+      template: |
+        phase: Failed
+        containerStatuses:
+        {{ range .spec.containers }}
+        - name: {{ .name | Quote }}
+          image: {{ .image | Quote }}
+          ready: false
+          restartCount: 0
+          state:
+            terminated: {exitCode: 137, reason: OOMKilled}
+        {{ end }}
+"""
+
+
+def test_extra_kwok_stage_drives_pods(full_cluster: Cluster, cluster_namespace: str) -> None:
+    full_cluster.add_kwok_stages(OOM_STAGE, name="oom")
+    try:
+        pod = {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"name": "oom", "namespace": cluster_namespace, "labels": {OUTCOME_LABEL: "oom"}},
+            "spec": {
+                "containers": [{"name": "main", "image": "busybox"}],
+                "tolerations": [{"key": GPU_RESOURCE, "operator": "Exists"}],
+            },
+        }
+        full_cluster.apply(pod)
+
+        def terminated() -> dict[str, Any] | None:
+            status = _get(full_cluster, "pod", "oom", "-n", cluster_namespace)["status"]
+            return status if status.get("phase") == "Failed" else None
+
+        status = wait_for(terminated, timeout=60, what="pod oom Failed")
+        assert status["containerStatuses"][0]["state"]["terminated"]["reason"] == "OOMKilled"
+    finally:
+        full_cluster.remove_kwok_stages("oom")
