@@ -23,7 +23,14 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.cluster import CONTROLLER_MANAGER, TRAINING_OPERATOR, Cluster, wait_for
+from tests.cluster import (
+    CONTROLLER_MANAGER,
+    FULL,
+    RUN_DURATION_ANNOTATION,
+    TRAINING_OPERATOR,
+    Cluster,
+    wait_for,
+)
 from tests.cluster.processes import free_port
 from tests.helpers import ROOT
 
@@ -121,7 +128,9 @@ def installed(cluster: Cluster) -> Iterator[dict[str, Any]]:
         "--set", "replicas=0", "--wait", "--timeout", "120s",
     )  # fmt: skip
     cluster.kubectl("wait", "--for=condition=Established", f"crd/{CRD}", "--timeout=60s")
-    wait_for(lambda: cluster.kubectl("get", "llavaruns", "-A", check=False).returncode == 0, timeout=30, what="API")
+    wait_for(
+        lambda: cluster.kubectl("get", "llavaruns", "-A", check=False).returncode == 0, timeout=30, what="API"
+    )
     try:
         yield {"helm_output": out.stdout, "install_seconds": time.monotonic() - t0}
     finally:
@@ -494,6 +503,23 @@ def test_operator_killed_mid_stage_resumes_without_duplicates(
     assert recovery < 60
 
 
+def test_apiserver_restart_is_survived(
+    cluster: Cluster, operator: OperatorProcess, cluster_namespace: str
+) -> None:
+    """The watches break and resume (kopf re-lists); the operator neither dies nor misses the stage."""
+    ns = cluster_namespace
+    cluster.apply(run_manifest("outage", ns, stages=["prepare", "pretrain"]))
+    wait_job(cluster, "outage-prepare", ns)
+    t0 = time.monotonic()
+    cluster.restart_apiserver()
+    set_job(cluster, "outage-prepare", ns, "Succeeded")
+    wait_job(cluster, "outage-pretrain", ns, timeout=60)
+    recovery = time.monotonic() - t0
+    assert operator.healthy()
+    assert sorted(jobs(cluster, ns)) == ["outage-prepare", "outage-pretrain"]
+    assert recovery < 60
+
+
 def test_trainer_service_account_patches_only_its_own_run_status(
     cluster: Cluster, operator: OperatorProcess, cluster_namespace: str
 ) -> None:
@@ -584,3 +610,39 @@ def test_metrics_and_logs(cluster: Cluster, operator: OperatorProcess, cluster_n
     logs = operator.log.read_text().splitlines()
     assert any("RunSucceeded" in line and line.startswith("{") for line in logs)
     assert operator.errors() == []
+
+
+# --- with the real training-operator ---------------------------------------------------------------
+
+
+@pytest.fixture
+def training_operator(cluster: Cluster, installed: dict[str, Any]) -> Cluster:
+    """scheduler + kwok GPU nodes + the training-operator, running (un-paused) for this test."""
+    cluster.ensure(*FULL)
+    if not cluster.procs[TRAINING_OPERATOR].alive():
+        cluster.restart(TRAINING_OPERATOR)
+    return cluster
+
+
+def test_stages_run_through_the_real_training_operator_and_kwok_pods(
+    training_operator: Cluster, operator: OperatorProcess, cluster_namespace: str
+) -> None:
+    cluster, ns = training_operator, cluster_namespace
+    t0 = time.monotonic()
+    cluster.apply(
+        run_manifest(
+            "real", ns, stages=["prepare", "pretrain"], accelerator={"profile": "nvidia"},
+            placement={"podAnnotations": {RUN_DURATION_ANNOTATION: "1s"}},
+            pretrain={"globalBatchSize": 8, "microBatchSize": 1, "resources": {"nodes": 1, "gpusPerNode": 8}},
+        )
+    )  # fmt: skip
+    wait_status(cluster, "real", ns, "run succeeded", timeout=180, phase="Succeeded")
+    took = time.monotonic() - t0
+    st = status(cluster, "real", ns)
+    assert {s: r["job"] for s, r in st["stages"].items()} == {
+        "prepare": "real-prepare",
+        "pretrain": "real-pretrain",
+    }
+    states = {n: j["status"]["conditions"][-1]["type"] for n, j in jobs(cluster, ns).items()}
+    assert states == {"real-prepare": "Succeeded", "real-pretrain": "Succeeded"}
+    assert took < 180
