@@ -77,6 +77,7 @@ def cluster_namespace(cluster: Cluster) -> Iterator[str]:
         cluster.kubectl("delete", "namespace", name, "--wait=false", check=False)
 
 
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselection looks at the markers
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Mark every test that uses the control plane with ``cluster`` (for ``-m 'not cluster'``)."""
     for item in items:
