@@ -56,7 +56,7 @@ class OperatorProcess:
 
     def start(self) -> None:
         argv = [
-            str(Path(sys.executable).parent / "llavarun"), "operator", "--", "--all-namespaces",
+            str(Path(sys.executable).parent / "llavarun"), "operator", "--all-namespaces",
             f"--liveness-port={self.liveness}", f"--metrics-port={self.metrics}", "--bind-address=127.0.0.1",
             f"--resync-seconds={RESYNC}", "--log-format=json",
         ]  # fmt: skip

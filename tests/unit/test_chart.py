@@ -207,14 +207,23 @@ def test_deployment_args_are_the_operators_own_flags() -> None:
     )
 
 
-@pytest.mark.xfail(
-    reason="cli.py passes `operator` args through argparse.REMAINDER, which refuses leading options",
-    strict=False,
-)
-def test_deployment_args_pass_through_the_llavarun_entrypoint() -> None:
-    args = one(render(), "Deployment")["spec"]["template"]["spec"]["containers"][0]["args"]
-    rest = cli.build_parser().parse_args(args).rest
-    assert operator_main.build_parser().parse_args(rest).log_format == "json"
+def test_deployment_args_run_the_operator_through_the_llavarun_entrypoint(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The image's ENTRYPOINT is `llavarun`: its args must reach kopf.run as the chart means them."""
+    args = one(render("watchNamespace=team-a"), "Deployment")["spec"]["template"]["spec"]["containers"][0][
+        "args"
+    ]
+    calls: list[dict[str, Any]] = []
+    monkeypatch.setattr(operator_main.kopf, "run", lambda **kw: calls.append(kw))
+    monkeypatch.setattr(operator_main.kopf, "configure", lambda **kw: None)
+    monkeypatch.setattr(operator_main.metrics, "serve", lambda *a: None)
+    assert cli.main(args) == 0
+    (run,) = calls
+    assert run["standalone"] is True
+    assert (run["clusterwide"], run["namespaces"]) == (False, ["team-a"])
+    assert run["liveness_endpoint"] == "http://0.0.0.0:8080/healthz"
+    assert run["memo"].ctx.resync_seconds == 30.0
 
 
 def test_pod_security_is_restricted() -> None:
