@@ -119,7 +119,7 @@ def installed(cluster: Cluster) -> Iterator[dict[str, Any]]:
     cluster.ensure(CONTROLLER_MANAGER)  # garbage collection of children
     paused = TRAINING_OPERATOR in cluster.components and cluster.procs[TRAINING_OPERATOR].alive()
     if paused:
-        cluster.procs[TRAINING_OPERATOR].stop()
+        cluster.stop_component(TRAINING_OPERATOR)
     cluster.install_pytorchjob_crd()
     _adopt_existing_crd(cluster)
     t0 = time.monotonic()
