@@ -112,11 +112,12 @@ def _finish(node: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any]:
         raw_props = out["properties"]
         out["properties"] = {k: _structural(v, defs) for k, v in raw_props.items()}
         for key, prop in out["properties"].items():
-            # A nested object that is always present (default_factory) gets `default: {}` so the
-            # apiserver fills its fields' defaults too, and CEL rules can rely on them.
+            # A nested object that is always present (default_factory) gets its defaults spelled
+            # out in full: the apiserver validates a default (CEL rules included) as written,
+            # without filling nested defaults into it first, so `default: {}` would be refused.
             always_present = "$ref" in raw_props[key] and key not in required
             if "properties" in prop and (always_present or isinstance(prop.get("default"), dict)):
-                prop["default"] = {}
+                prop["default"] = materialized_default(prop)
         out.pop("additionalProperties", None)
     elif isinstance(out.get("additionalProperties"), dict):
         out["additionalProperties"] = _structural(out["additionalProperties"], defs)
@@ -129,7 +130,45 @@ def _finish(node: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any]:
         out.pop("default", None)
     if "enum" in out and "type" not in out:
         out["type"] = "string"
+    if out.get("type") == "string" and "enum" in out:
+        # Bounded strings keep CEL's cost estimate low enough for rules over them.
+        out.setdefault("maxLength", max(len(str(v)) for v in out["enum"]))
     return dict(sorted(out.items()))
+
+
+def materialized_default(node: dict[str, Any]) -> dict[str, Any]:
+    """The object an empty `{}` becomes after the apiserver applies every nested default."""
+    value: dict[str, Any] = {}
+    for key, child in node.get("properties", {}).items():
+        if "default" in child:
+            value[key] = child["default"]
+    return value
+
+
+def running_stage_rules() -> list[dict[str, Any]]:
+    """Transition rules: the running stage's section of the spec is immutable.
+
+    Stages not yet started may still change (their PyTorchJobs are rendered when they start);
+    the running stage's job already exists, so an edit there would silently not apply.
+    """
+    active = "['Pending', 'Running', 'Queued', 'Suspended']"
+    rules = []
+    for stage in ("prepare", "pretrain", "finetune", "evaluate"):
+        rules.append(
+            {
+                "rule": (
+                    f"!has(oldSelf.status) || !has(oldSelf.status.stage) || oldSelf.status.stage != '{stage}'"
+                    f" || !has(oldSelf.status.phase) || !(oldSelf.status.phase in {active})"
+                    f" || (has(self.spec.{stage}) ? has(oldSelf.spec.{stage}) && self.spec.{stage} == "
+                    f"oldSelf.spec.{stage} : !has(oldSelf.spec.{stage}))"
+                ),
+                "message": f"spec.{stage} cannot change while the {stage} stage is running; "
+                "edit a stage before it starts, or suspend and recreate the run",
+                "fieldPath": f".spec.{stage}",
+                "reason": "FieldValueForbidden",
+            }
+        )
+    return rules
 
 
 def openapi_schema(model: type) -> dict[str, Any]:
@@ -155,7 +194,7 @@ def generate_crd() -> dict[str, Any]:
             "spec": spec,
             "status": status,
         },
-        "x-kubernetes-validations": NAME_RULES,
+        "x-kubernetes-validations": NAME_RULES + running_stage_rules(),
     }
     return {
         "apiVersion": "apiextensions.k8s.io/v1",

@@ -295,7 +295,6 @@ class EvaluateStage(ApiModel):
     _check_model = field_validator("model_path")(lambda v: None if v is None else check_relative_path(v))
 
 
-
 class Volume(ApiModel):
     """A volume mounted into every stage pod."""
 
@@ -365,10 +364,22 @@ class Paths(ApiModel):
     _check = field_validator("*")(lambda v: check_relative_path(v))
 
 
-_STAGE_ORDER_RULE = {
-    "rule": "self.stages == ['prepare', 'pretrain', 'finetune', 'evaluate'].filter(s, s in self.stages)",
-    "message": "stages must keep the recipe order prepare, pretrain, finetune, evaluate",
-}
+def _stage_order_rule() -> dict[str, str]:
+    """Consecutive stages in recipe order; written out per position (at most 4) because CEL
+    compares `listType: set` lists as sets and list-building rules cost too much to admit."""
+    rank = "{" + ", ".join(f"'{s.value}': {i}" for i, s in enumerate(STAGE_ORDER)) + "}"
+    checks = [
+        f"(size(self.stages) < {i + 2} || {rank}[self.stages[{i}]] < {rank}[self.stages[{i + 1}]])"
+        for i in range(len(STAGE_ORDER) - 1)
+    ]
+    return {
+        "rule": " && ".join(checks),
+        "message": "stages must keep the recipe order prepare, pretrain, finetune, evaluate",
+        "fieldPath": ".stages",
+    }
+
+
+_STAGE_ORDER_RULE = _stage_order_rule()
 
 
 class LlavaRunSpec(ApiModel):
