@@ -8,11 +8,11 @@ import json
 from pathlib import Path
 
 import pytest
-
 from llava_operator.api.crd import generate_crd
 from llava_operator.api.status import LlavaRunStatus
 from llava_operator.render import render_stage_job
 from llava_operator.validate import load_run
+
 from tests.cluster import Cluster
 from tests.helpers import EXAMPLES, INVALID_RUNS, PYTORCHJOB_CRD, ROOT, expected_field, load_yaml
 

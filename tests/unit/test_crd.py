@@ -54,9 +54,11 @@ def test_recipe_defaults_are_in_the_schema():
     assert finetune["learningRate"]["default"] == 2e-5 and finetune["globalBatchSize"]["default"] == 128
     assert finetune["zeroStage"]["default"] == 3 and finetune["imageAspectRatio"]["default"] == "pad"
     assert spec["properties"]["stages"]["default"] == ["prepare", "pretrain", "finetune", "evaluate"]
-    # Nested objects default to {} so the apiserver also fills their fields' defaults.
-    assert spec["properties"]["pretrain"]["default"] == {}
-    assert spec["properties"]["pretrain"]["properties"]["resources"]["default"] == {}
+    # Nested objects default to their fields' defaults written out (the apiserver checks CEL
+    # rules against a default as written).
+    assert spec["properties"]["pretrain"]["default"]["globalBatchSize"] == 256
+    assert spec["properties"]["pretrain"]["default"]["resources"] == {"nodes": 1, "gpusPerNode": 8, "shmSize": "32Gi"}
+    assert spec["properties"]["pretrain"]["properties"]["resources"]["default"]["gpusPerNode"] == 8
 
 
 def test_every_status_writer_field_is_declared():
