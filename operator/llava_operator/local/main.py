@@ -53,7 +53,14 @@ def main(argv: list[str] | None = None) -> int:
         with view:
             code = local.execute()
     status = local.status.read()
-    report = write_report(local.output_root / "report", run.name, status, local.outcomes, view.history)
+    report = write_report(
+        local.output_root / "report",
+        run.name,
+        [s.value for s in run.spec.stages],
+        status,
+        local.outcomes,
+        view.history,
+    )
     if code == 0:
         console.print(f"[green]LlavaRun {run.name} succeeded[/]")
     elif code == INTERRUPTED_EXIT:

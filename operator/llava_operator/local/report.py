@@ -31,6 +31,7 @@ def _num(value: Any, spec: str = ".4g") -> str:
 def write_report(
     out_dir: Path,
     run_name: str,
+    stage_order: list[str],
     status: dict[str, Any],
     outcomes: list[StageOutcome],
     history: dict[str, list[tuple[int, float]]],
@@ -48,8 +49,8 @@ def write_report(
         "|---|---|---|---|---|---|---|---|",
     ]
     seconds = {o.stage.value: o.seconds for o in outcomes}
-    for name, entry in stages.items():
-        res = results.get(name) or {}
+    for name in [s for s in stage_order if s in stages]:
+        entry, res = stages[name], results.get(name) or {}
         lines.append(
             f"| {name} | {entry.get('phase', '')} | {entry.get('attempts', '')} | "
             f"{_num(seconds.get(name) or res.get('durationSeconds'), '.1f')} | "
