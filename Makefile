@@ -29,6 +29,7 @@ lint: venv
 crd: venv
 	$(VENV)/bin/llavarun crd > crds/llavarun.yaml
 	cp crds/llavarun.yaml charts/llavarun-operator/files/crds/llavarun.yaml
+	$(VENV)/bin/llavarun crd --reference > docs/CONFIGURATION.md
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

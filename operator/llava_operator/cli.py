@@ -18,6 +18,11 @@ COMMANDS: dict[str, str] = {
 
 
 def _crd(args: argparse.Namespace) -> int:
+    if args.reference:
+        from .api.reference import render_reference
+
+        sys.stdout.write(render_reference())
+        return 0
     from .api.crd import generate_crd
 
     sys.stdout.write(yamlio.dump(generate_crd()))
@@ -66,7 +71,9 @@ def _validate(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llavarun", description="Kubernetes-native LLaVA-1.5 training.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    sub.add_parser("crd", help=COMMANDS["crd"]).set_defaults(func=_crd)
+    crd = sub.add_parser("crd", help=COMMANDS["crd"])
+    crd.add_argument("--reference", action="store_true", help="the markdown configuration reference instead")
+    crd.set_defaults(func=_crd)
     render = sub.add_parser("render", help=COMMANDS["render"])
     render.add_argument("file", help="LlavaRun YAML ('-' for stdin)")
     render.add_argument("--stage", choices=["prepare", "pretrain", "finetune", "evaluate"])

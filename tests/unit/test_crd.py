@@ -78,3 +78,10 @@ def test_every_status_writer_field_is_declared():
         progress.keys()
     )
     assert props["conditions"]["x-kubernetes-list-map-keys"] == ["type"]
+
+
+def test_configuration_reference_is_current():
+    from llava_operator.api.reference import render_reference
+
+    committed = (ROOT / "docs" / "CONFIGURATION.md").read_text()
+    assert committed == render_reference(), "run `llavarun crd --reference > docs/CONFIGURATION.md`"
