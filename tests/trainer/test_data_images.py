@@ -34,6 +34,19 @@ def noise(width: int, height: int, seed: int = 0) -> Image.Image:
     return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8))
 
 
+def photo(width: int, height: int, seed: int = 0) -> Image.Image:
+    """Smooth content with noise and a hard edge, like a real photo, JPEG-encoded and decoded."""
+    import io
+
+    rng = np.random.default_rng(seed)
+    x, y = np.linspace(0, 1, width)[None, :, None], np.linspace(0, 1, height)[:, None, None]
+    pixels = 200 * x * (1 - 0.5 * y) + rng.normal(0, 10, (height, width, 3)) + [20, 40, 60]
+    pixels[: height // 2, : width // 3] = [250, 10, 10]
+    buffer = io.BytesIO()
+    Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(buffer, "JPEG")
+    return Image.open(buffer).convert("RGB")
+
+
 def test_pad_colour_is_the_clip_mean():
     assert background_colour(CLIP_MEAN) == (122, 116, 104)
 
@@ -49,15 +62,34 @@ def test_expand2square_centres_the_image_on_the_mean_colour(size, offset):
     assert (pixels == (255, 0, 0)).all(axis=2).sum() == 40 * 20
 
 
+SIZES = [(640, 480), (333, 500), (336, 336), (448, 336), (20, 90), (91, 17)]
+TWO_LEVELS = 2 / 255 / min(CLIP_STD) + 1e-5
+"""Two 8-bit intensity levels in normalised units."""
+
+
 @pytest.mark.parametrize("resolution", [56, 336])
 @pytest.mark.parametrize("aspect", ["square", "pad"])
-@pytest.mark.parametrize("size", [(640, 480), (333, 500), (336, 336), (20, 90), (91, 17)])
-def test_fast_path_is_bit_identical_to_clip_image_processor(resolution, aspect, size):
+@pytest.mark.parametrize("size", SIZES)
+def test_pil_resize_path_is_bit_identical_to_clip_image_processor(resolution, aspect, size):
     processor = clip_processor(resolution)
     image = noise(*size)
-    ours = ImagePipeline(processor, aspect)(image)
+    ours = ImagePipeline(processor, aspect, resize="pil")(image)
     assert ours.dtype == np.float32 and ours.shape == (3, resolution, resolution)
     assert np.array_equal(ours, hf_reference_pixels(processor, image, aspect))
+
+
+@pytest.mark.parametrize("resolution", [56, 336])
+@pytest.mark.parametrize("aspect", ["square", "pad"])
+@pytest.mark.parametrize("size", SIZES)
+def test_torch_resize_path_is_within_two_levels_of_clip_image_processor(resolution, aspect, size):
+    processor = clip_processor(resolution)
+    image = photo(*size)
+    ours = ImagePipeline(processor, aspect)(image)
+    reference = hf_reference_pixels(processor, image, aspect)
+    assert ours.dtype == np.float32 and ours.shape == reference.shape
+    difference = np.abs(ours - reference)
+    assert difference.max() <= TWO_LEVELS
+    assert (difference > 1e-5).mean() < 0.02
 
 
 def test_processor_values_are_read_from_the_processor():

@@ -112,12 +112,13 @@ def encode_chunks(tokenizer: Any, chunks: list[str]) -> tuple[list[list[int]], l
     shift = _prefix_skips_leading_space(tokenizer)
     shifted = [shift and chunk.startswith(" ") for chunk in chunks]
     texts = [" " + chunk if moved else chunk for chunk, moved in zip(chunks, shifted, strict=True)]
-    encoded = tokenizer(texts, add_special_tokens=True, return_offsets_mapping=True)
+    # The Rust tokenizer directly: the HF call wrapper would double the cost for short texts.
+    encodings = [tokenizer.backend_tokenizer.encode(text, add_special_tokens=True) for text in texts]
     offsets = [
-        [(max(0, a - 1), max(0, b - 1)) for a, b in spans] if moved else [tuple(span) for span in spans]
-        for spans, moved in zip(encoded["offset_mapping"], shifted, strict=True)
+        [(max(0, a - 1), max(0, b - 1)) for a, b in e.offsets] if moved else list(e.offsets)
+        for e, moved in zip(encodings, shifted, strict=True)
     ]
-    return encoded["input_ids"], offsets
+    return [e.ids for e in encodings], offsets
 
 
 def tokenizer_fingerprint(tokenizer: Any) -> str:

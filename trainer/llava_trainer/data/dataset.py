@@ -76,7 +76,8 @@ def build_sample(
     pixel_values = None
     if paths and images is not None:
         folder = Path(image_folder) if image_folder is not None else Path()
-        pixel_values = np.stack([images.load(folder / p) for p in paths])
+        loaded = [images.load(folder / p) for p in paths]
+        pixel_values = loaded[0][None] if len(loaded) == 1 else np.stack(loaded)  # no copy for one image
     return Sample(
         id=str(record.get("id", "")),
         input_ids=tokens.input_ids,
