@@ -1,0 +1,57 @@
+"""Fixtures of the end-to-end tier: the full control plane, the chart, one shared operator."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from tests.cluster import Cluster
+
+from .support import Kube, OperatorProcess, install_chart, operator_kubeconfig, prepare_cluster
+
+
+@pytest.fixture(scope="package")
+def e2e_cluster(full_cluster: Cluster) -> Cluster:
+    """etcd, kube-apiserver, scheduler, controller-manager (GC), kwok GPU nodes, the
+    training-operator (PyTorchJob scheme only) and our chart installed with replicas=0."""
+    prepare_cluster(full_cluster)
+    install_chart(full_cluster)
+    return full_cluster
+
+
+@pytest.fixture(scope="package")
+def kube(e2e_cluster: Cluster) -> Iterator[Kube]:
+    """Admin access through the python client."""
+    k = Kube.for_cluster(e2e_cluster)
+    try:
+        yield k
+    finally:
+        k.api.close()
+
+
+@pytest.fixture(scope="package")
+def operator(
+    e2e_cluster: Cluster, tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
+) -> Iterator[OperatorProcess]:
+    """One `llavarun operator` process under the chart's ServiceAccount, shared by the scenarios
+    (a scenario that kills it starts it again)."""
+    proc = OperatorProcess(
+        operator_kubeconfig(e2e_cluster), tmp_path_factory.mktemp("operator") / "operator.log"
+    )
+    failed_before = request.session.testsfailed
+    proc.start()
+    try:
+        yield proc
+    finally:
+        proc.stop()
+        if request.session.testsfailed > failed_before:
+            print(f"\noperator log {proc.log}, last lines:\n{proc.tail(120)}")
+
+
+@pytest.fixture
+def running_operator(operator: OperatorProcess) -> OperatorProcess:
+    """The shared operator, restarted first if an earlier scenario left it down."""
+    if not operator.healthy():
+        operator.start()
+    return operator
