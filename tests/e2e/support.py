@@ -107,6 +107,7 @@ class OperatorProcess:
     """
 
     def __init__(self, kubeconfig: Path, log: Path, resync_seconds: float = 2.0) -> None:
+        self.resync_seconds = resync_seconds
         self.liveness_port = free_port()
         self.metrics_port = free_port()
         argv = [
