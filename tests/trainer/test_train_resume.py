@@ -60,7 +60,9 @@ def test_crash_then_restart_resumes_from_the_last_checkpoint_with_the_same_losse
         assert loss == pytest.approx(losses(reference)[step], rel=1e-5, abs=1e-6), step
 
 
-def test_sigterm_saves_a_checkpoint_exits_143_and_the_retry_continues(tmp_path: Path, synth_dir: Path) -> None:
+def test_sigterm_saves_a_checkpoint_exits_143_and_the_retry_continues(
+    tmp_path: Path, synth_dir: Path
+) -> None:
     reference_config, _ = configs(synth_dir, tmp_path / "reference", max_steps=4)
     config, _ = configs(synth_dir, tmp_path / "terminated", max_steps=4)
     code, reference = run_stage(reference_config)

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from llava_trainer.checkpoint import COMPLETE, complete_checkpoints, latest_checkpoint, remove_incomplete
 from llava_trainer.config import FinetuneConfig, PretrainConfig
 from llava_trainer.deepspeed_config import BatchSizeError, batch_layout, build_deepspeed_config
@@ -25,7 +24,9 @@ def test_gradient_accumulation_comes_from_global_batch_and_world_size() -> None:
 
 
 def test_indivisible_global_batch_is_a_readable_error() -> None:
-    with pytest.raises(BatchSizeError, match=r"--global-batch-size 100 is not a multiple of --micro-batch-size 16"):
+    with pytest.raises(
+        BatchSizeError, match=r"--global-batch-size 100 is not a multiple of --micro-batch-size 16"
+    ):
         batch_layout(100, 16, 2)
 
 
@@ -46,7 +47,9 @@ def test_deepspeed_config_follows_llavas_zero2_and_zero3_files(tmp_path: Path) -
     assert zero3["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] is True
     assert zero3["zero_optimization"]["stage3_param_persistence_threshold"] == 10 * 5120
     assert zero3["optimizer"]["params"]["lr"] == 2e-5
-    assert build_deepspeed_config(finetune, batch_layout(128, 16, 8), "fp32", 5120)["bf16"]["enabled"] is False
+    assert (
+        build_deepspeed_config(finetune, batch_layout(128, 16, 8), "fp32", 5120)["bf16"]["enabled"] is False
+    )
 
 
 def test_training_operator_env_without_torchrun_relaunches_under_torchrun() -> None:

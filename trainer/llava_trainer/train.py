@@ -175,7 +175,7 @@ def train(config: TrainConfig, world: World) -> int:
                         raise RuntimeError(
                             f"the data loader ended before the {len(loader)} micro-batches it announced"
                         )
-                    loss = forward_loss(engine, batch, world)
+                    loss = forward_loss(engine, batch, world, text)
                     engine.backward(loss)
                     engine.step()  # DeepSpeed steps optimizer and scheduler at the accumulation boundary
                     progress.micro_batch(batch, loss)
@@ -272,26 +272,44 @@ def count_batch(batch: dict[str, Any], shape: LlavaShape, stage: str) -> Through
     )
 
 
-def forward_loss(engine: Any, batch: dict[str, Any], world: World) -> torch.Tensor:
-    """The LM loss of one micro-batch. A text-only micro-batch on several ranks also runs the vision
-    tower and projector on a blank image (weight 0), as LLaVA does: under ZeRO every rank must
-    gather and reduce the same parameters in the same order, or the collectives deadlock."""
+def forward_loss(engine: Any, batch: dict[str, Any], world: World, text: TextSide) -> torch.Tensor:
+    """The LM loss of one micro-batch, always through the vision tower and the projector.
+
+    A text-only micro-batch gets one extra row: a blank image's tokens, all labels ignored, so it
+    adds nothing to the loss and exactly zero to the gradients (LLaVA feeds a blank image the same
+    way). Every rank thus runs the same modules in the same order: under ZeRO-3 parameters are
+    gathered by collectives, and ranks running different modules deadlock. It also avoids stale
+    gradients that DeepSpeed ZeRO-3 (0.19) leaves in a parameter a micro-batch does not use.
+    """
     dtype = next(p for p in engine.module.parameters()).dtype
-    inputs = {
-        k: batch[k].to(world.device, non_blocking=True) for k in ("input_ids", "attention_mask", "labels")
-    }
-    if "pixel_values" in batch:
-        inputs["pixel_values"] = batch["pixel_values"].to(world.device, dtype=dtype, non_blocking=True)
-        return engine(**inputs).loss
-    if world.world_size == 1:
-        return engine(**inputs).loss
-    vision = engine.module.config.vision_config
-    blank = torch.zeros(
-        1, vision.num_channels, vision.image_size, vision.image_size, device=world.device, dtype=dtype
-    )
-    features = engine.module.model.get_image_features(pixel_values=blank).pooler_output
-    loss = engine(**inputs).loss
-    return loss + 0.0 * sum(f.sum() for f in features)
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "labels")}
+    pixel_values = batch.get("pixel_values")
+    if pixel_values is None:
+        vision = engine.module.config.vision_config
+        inputs = with_blank_image_row(
+            inputs, text.image_token_id, text.tokenizer.pad_token_id, text.num_image_tokens
+        )
+        pixel_values = torch.zeros(1, vision.num_channels, vision.image_size, vision.image_size)
+    inputs = {k: v.to(world.device, non_blocking=True) for k, v in inputs.items()}
+    inputs["pixel_values"] = pixel_values.to(world.device, dtype=dtype, non_blocking=True)
+    return engine(**inputs).loss
+
+
+def with_blank_image_row(
+    inputs: dict[str, torch.Tensor], image_token_id: int, pad_token_id: int, num_image_tokens: int
+) -> dict[str, torch.Tensor]:
+    """`inputs` plus a row holding one image's tokens and nothing to learn (see forward_loss)."""
+    rows, length = inputs["input_ids"].shape
+    width = max(length, num_image_tokens)
+    fill = {"input_ids": pad_token_id, "attention_mask": 0, "labels": -100}
+    out = {}
+    for key, tensor in inputs.items():
+        grown = torch.full((rows + 1, width), fill[key], dtype=tensor.dtype)
+        grown[:rows, :length] = tensor
+        out[key] = grown
+    out["input_ids"][rows, :num_image_tokens] = image_token_id
+    out["attention_mask"][rows, :num_image_tokens] = 1
+    return out
 
 
 def export(engine: Any, config: TrainConfig, text: TextSide, world: World) -> tuple[Path, Path | None]:
@@ -493,6 +511,14 @@ class GracefulStop:
         return grace - all_reduce_floats([elapsed], world, op="max")[0]
 
 
+def checkpoint_fits(last_checkpoint_seconds: float | None, seconds_left: float) -> bool:
+    """Whether a checkpoint should still finish before the kill: the last one's duration with a
+    25% + 1 s margin; with no measurement yet, try (a cut-short save is never taken as complete)."""
+    if last_checkpoint_seconds is None:
+        return seconds_left > 0
+    return last_checkpoint_seconds * 1.25 + 1.0 < seconds_left
+
+
 def terminate(
     engine: Any,
     ckpt_root: Path,
@@ -507,7 +533,7 @@ def terminate(
     """Save if the last checkpoint's duration says another fits in what is left of the grace period
     (unknown duration: try anyway; a checkpoint cut short is never mistaken for a complete one)."""
     left = stop.seconds_left(world)
-    fits = last_ckpt_seconds is None or last_ckpt_seconds * 1.25 + 1.0 < left
+    fits = checkpoint_fits(last_ckpt_seconds, left)
     saved = checkpoint.latest_checkpoint(ckpt_root) == ckpt_root / f"{checkpoint.PREFIX}{state.step}"
     if fits and not saved:
         checkpoint.save_checkpoint(
