@@ -117,13 +117,14 @@ class TrainLoader:
         import torch.utils.data
 
         batches = self.sampler.epoch_batches(self.epoch)[self.position :]
+        accelerator = getattr(torch, "accelerator", None)  # vendor-neutral: pin for whatever device runs
         loader = torch.utils.data.DataLoader(
             _MicroBatches(self.dataset, self.pad_token_id),
             batch_size=None,
             sampler=batches,
             collate_fn=_as_is,
             num_workers=self.num_workers,
-            prefetch_factor=4 if self.num_workers else None,
+            pin_memory=bool(accelerator is not None and accelerator.is_available()),
         )
         for batch in loader:
             self.stats.add(batch.pop("_stats"))
