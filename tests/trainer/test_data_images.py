@@ -18,6 +18,8 @@ from llava_trainer.data.images import (
 )
 from PIL import Image
 
+pytestmark = pytest.mark.trainer  # the training path resizes with torch
+
 
 def clip_processor(resolution: int):
     from transformers import CLIPImageProcessor

@@ -271,4 +271,6 @@ def test_fast_tokenizer_equals_the_sentencepiece_slow_path(tokenizer, tokenizer_
     assert all(0 <= a <= b <= len(text) for a, b in offsets[0])
     if not text.startswith(" "):  # the same as the HF tokenizer call it short-cuts
         called = tokenizer([text], add_special_tokens=True, return_offsets_mapping=True)
-        assert called["input_ids"] == ids and [list(map(tuple, o)) for o in called["offset_mapping"]] == offsets
+        assert (
+            called["input_ids"] == ids and [list(map(tuple, o)) for o in called["offset_mapping"]] == offsets
+        )

@@ -266,8 +266,12 @@ def _print_summary(outcome: dict[str, Any]) -> None:
     check = report.get("tokenizer_reference_check")
     if check and check["differ"]:
         print(
-            f"prepare: WARNING the fast tokenizer differs from SentencePiece on {check['differ']}/{check['checked']} "
-            "prompt chunks; masks follow the fast tokenizer"
+            f"prepare: WARNING the fast tokenizer differs from SentencePiece on {check['differ']}/"
+            f"{check['checked']} prompt chunks; masks follow the fast tokenizer"
+        )
+    elif check:
+        print(
+            f"prepare: fast tokenizer == SentencePiece (LLaVA's slow path) on {check['checked']} prompt chunks"
         )
     if "mmmu" in report:
         mmmu = report["mmmu"]

@@ -323,7 +323,7 @@ def write_llama_tokenizer(
     a fast tokenizer on load); `save_pretrained` adds the fast tokenizer's own files instead.
     """
     import sentencepiece as spm
-    from transformers import AutoTokenizer
+    from transformers import LlamaTokenizer  # not AutoTokenizer: that imports the modelling stack (torch)
 
     out_dir.mkdir(parents=True, exist_ok=True)
     ascii_line = "".join(chr(c) for c in range(32, 127))
@@ -366,7 +366,7 @@ def write_llama_tokenizer(
     (out_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
     special = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
     (out_dir / "special_tokens_map.json").write_text(json.dumps(special, indent=2))
-    tokenizer = AutoTokenizer.from_pretrained(str(out_dir), local_files_only=True)
+    tokenizer = LlamaTokenizer.from_pretrained(str(out_dir), local_files_only=True)
     if save_pretrained:
         tokenizer.save_pretrained(str(out_dir))
     return tokenizer
