@@ -121,3 +121,8 @@ def test_inspect_colours_trained_tokens_when_asked(synth_dir, capsys):
         ["inspect", "--data-dir", str(synth_dir), "--stage", "pretrain", "--index", "0", "--color", "always"]
     )
     assert "\x1b[1;32m" in capsys.readouterr().out  # bold green: trained
+
+
+def test_inspect_explains_a_bad_request(synth_dir, capsys):
+    assert main(["inspect", "--data-dir", str(synth_dir), "--stage", "pretrain", "--index", "999"]) == 2
+    assert "out of range" in capsys.readouterr().err

@@ -11,6 +11,7 @@ import argparse
 import json
 import os
 import re
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -137,9 +138,13 @@ def main(args: argparse.Namespace) -> int:
     if args.data_dir is None:
         raise SystemExit("llava-trainer inspect: --data-dir is required")
     config = _config(args)
-    tokenizer = load_tokenizer(config.resolve(config.language_model), max_length=config.max_length)
-    ids = llava_tokens(tokenizer, config.resolve(config.vision_tower))
-    record = read_record(config, args.index, tokenizer_fingerprint(tokenizer))
+    try:
+        tokenizer = load_tokenizer(config.resolve(config.language_model), max_length=config.max_length)
+        ids = llava_tokens(tokenizer, config.resolve(config.vision_tower))
+        record = read_record(config, args.index, tokenizer_fingerprint(tokenizer))
+    except (FileNotFoundError, IndexError, ValueError) as err:
+        print(f"llava-trainer inspect: {err}", file=sys.stderr)
+        return 2
     common = dict(
         template=config.template,
         tokenizer=tokenizer,
