@@ -1,0 +1,158 @@
+"""The real trainer reporting into a LlavaRun on this apiserver with its per-run token.
+
+The pretrain stage's pod is played by a local process: the same `llava-trainer pretrain` flags
+the operator renders (`trainer_args` with the data_dir moved to a local tiny one made by
+`llava-trainer synth`), under `torchrun --standalone`, with the environment of the PyTorchJob the
+operator created, and `LLAVARUN_KUBECONFIG` holding a token of the run's own ServiceAccount. The
+job's real pod meanwhile "trains" under kwok for 10 minutes, so the run stays Running.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from kubernetes.client.exceptions import ApiException
+from llava_operator.api import LlavaRun, Stage
+from llava_operator.trainer_command import trainer_args
+
+from tests.cluster import Cluster, wait_for
+
+from .support import GROUP, PLURAL, VERSION, Kube, OperatorProcess, job_name, llavarun, wait_job, wait_run
+
+pytestmark = pytest.mark.e2e
+
+VENV_BIN = Path(sys.executable).parent
+RUN = "reporter"
+
+
+def tiny_pretrain(namespace: str, name: str) -> dict[str, Any]:
+    """examples/llavarun-tiny.yaml's pretrain on one CPU process, 2 optimizer steps."""
+    return llavarun(
+        name, namespace, ["pretrain"], run_duration="10m",
+        accelerator={"profile": "cpu"},
+        # CPU pods may use the (tainted) GPU nodes: kwok has no others.
+        placement={"tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]},
+        paths={"languageModel": "LLaVA-Pretrain/checkpoints/vicuna-13b-v1.5",
+               "visionTower": "LLaVA-Pretrain/checkpoints/clip-vit-large-patch14-336"},
+        pretrain={"globalBatchSize": 4, "microBatchSize": 4, "maxSteps": 3, "maxLength": 256, "precision": "fp32",
+                  "gradientCheckpointing": False, "dataloaderWorkers": 0, "saveSteps": 2,
+                  "resources": {"nodes": 1, "gpusPerNode": 1, "cpu": "2", "memory": "4Gi", "shmSize": "256Mi"}},
+    )  # fmt: skip
+
+
+def pod_env(job: dict[str, Any]) -> dict[str, str]:
+    """The literal env of the Master's trainer container, as the operator rendered it."""
+    (container,) = job["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"]
+    return {e["name"]: e["value"] for e in container.get("env", []) if "value" in e}
+
+
+@pytest.fixture(scope="module")
+def namespace(e2e_cluster: Cluster) -> Iterator[str]:
+    name = f"t-{uuid.uuid4().hex[:8]}"
+    e2e_cluster.kubectl("create", "namespace", name)
+    try:
+        yield name
+    finally:
+        e2e_cluster.kubectl("delete", "namespace", name, "--wait=false", check=False)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("synth") / "data"
+    subprocess.run(
+        [str(VENV_BIN / "llava-trainer"), "synth", "--out", str(out), "--samples", "8"],
+        check=True, capture_output=True, timeout=180,
+    )  # fmt: skip
+    return out
+
+
+@pytest.fixture(scope="module")
+def trainer_kubeconfig(e2e_cluster: Cluster, namespace: str, kube: Kube, operator: OperatorProcess) -> Path:
+    """The run exists and its operator-made ServiceAccount has a token, as a kubeconfig."""
+    if not operator.healthy():
+        operator.start()
+    kube.create_run(tiny_pretrain(namespace, RUN))
+    wait_job(kube, namespace, job_name(RUN, "pretrain"))
+    token = e2e_cluster.create_token(namespace, f"{RUN}-trainer", expiration_seconds=600)
+    return e2e_cluster.kubeconfig_for_token(token, namespace=namespace)
+
+
+@pytest.fixture(scope="module")
+def trained(
+    kube: Kube,
+    namespace: str,
+    data_dir: Path,
+    trainer_kubeconfig: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> dict[str, Any]:
+    """Run the pretrain stage as its pod would; the run's status afterwards."""
+    run = LlavaRun.model_validate(kube.run(namespace, RUN))  # as the apiserver defaulted it
+    args = trainer_args(run.spec, Stage.PRETRAIN, data_dir_override=str(data_dir))
+    env = {k: v for k, v in os.environ.items() if k not in ("KUBECONFIG", "LLAVARUN_STATUS_FILE")}
+    env.update(pod_env(kube.jobs(namespace)[job_name(RUN, "pretrain")]))
+    env.update(
+        {"LLAVARUN_KUBECONFIG": str(trainer_kubeconfig), "OMP_NUM_THREADS": "2", "PYTHONUNBUFFERED": "1"}
+    )
+    log = tmp_path_factory.mktemp("trainer") / "pretrain.log"
+    argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "1",
+            "-m", "llava_trainer", *args]  # fmt: skip
+    with log.open("wb") as out:
+        proc = subprocess.run(argv, env=env, stdout=out, stderr=subprocess.STDOUT, timeout=240, check=False)
+    assert proc.returncode == 0, f"trainer failed, log {log}:\n{log.read_text()[-4000:]}"
+    return {"status": kube.status(namespace, RUN), "env": env, "log": log}
+
+
+def test_pod_env_tells_the_trainer_which_run_stage_and_attempt_it_reports_to(trained: dict[str, Any]) -> None:
+    env = trained["env"]
+    assert (env["LLAVARUN_NAME"], env["LLAVARUN_STAGE"], env["LLAVARUN_ATTEMPT"]) == (RUN, "pretrain", "0")
+    assert env["LLAVARUN_JOB"] == job_name(RUN, "pretrain")
+
+
+def test_trainer_writes_progress_into_the_run_status(trained: dict[str, Any]) -> None:
+    progress = trained["status"]["progress"]
+    assert (progress["stage"], progress["attempt"]) == ("pretrain", 0)
+    assert progress["step"] == progress["totalSteps"] == 2 and progress["percent"] == 100
+    assert progress["loss"] > 0 and progress["samplesPerSecond"] > 0 and progress["tokensPerSecond"] > 0
+    assert progress["lastUpdate"].endswith("Z")
+
+
+def test_trainer_writes_the_pretrain_results(trained: dict[str, Any], data_dir: Path) -> None:
+    results = trained["status"]["results"]["pretrain"]
+    out = data_dir / "Output" / "checkpoints_pretrain"
+    assert results["checkpoint"] == str(out / "model") and Path(results["checkpoint"], "config.json").exists()
+    assert results["projector"] == str(out / "mm_projector.bin")
+    assert (results["steps"], results["samples"]) == (2, 8)
+    assert results["finalLoss"] > 0
+
+
+def test_trainer_writes_leave_the_operators_fields_alone(
+    trained: dict[str, Any], kube: Kube, namespace: str, operator: OperatorProcess
+) -> None:
+    st = wait_run(kube, namespace, RUN, "running (kwok's pod runs for 10 min)", phase="Running")
+    assert (st["stage"], st["currentJob"]) == ("pretrain", job_name(RUN, "pretrain"))
+    assert st["stages"]["pretrain"]["phase"] == "Running"
+    assert st["progress"] == trained["status"]["progress"]  # and the operator never touched progress
+
+
+def test_the_runs_token_cannot_patch_another_runs_status(
+    e2e_cluster: Cluster, kube: Kube, namespace: str, trainer_kubeconfig: Path
+) -> None:
+    kube.create_run(tiny_pretrain(namespace, "neighbour"))
+    with e2e_cluster.api_client(trainer_kubeconfig) as api:
+        from kubernetes import client
+
+        custom = client.CustomObjectsApi(api)
+        custom.patch_namespaced_custom_object_status(GROUP, VERSION, namespace, PLURAL, RUN, {"status": {}})
+        with pytest.raises(ApiException) as denied:
+            custom.patch_namespaced_custom_object_status(
+                GROUP, VERSION, namespace, PLURAL, "neighbour", {"status": {"progress": {"step": 1}}}
+            )
+    assert denied.value.status == 403
+    assert "progress" not in wait_for(lambda: kube.run(namespace, "neighbour"), timeout=10).get("status", {})
