@@ -43,17 +43,24 @@ def tokenizer(tokenizer_dir: Path):
 
 @pytest.fixture(scope="session")
 def synth_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """`llava-trainer synth` output (24 pretrain + 24 finetune samples); read-only for tests."""
+    """`llava-trainer synth` output (24 pretrain + 24 finetune samples, seed 7); read-only for tests.
+
+    The same directory, size and seed as the training tests' `synth_data_dir`, so a session that
+    runs both builds it once.
+    """
     from llava_trainer.synth import synthesize
 
-    out = tmp_path_factory.mktemp("synth") / "data"
-    synthesize(out, samples=24, seed=7)
-    return out
+    root = tmp_path_factory.getbasetemp() / "llava-train-synth"
+    done = root / ".complete"
+    if not done.exists():
+        synthesize(root, samples=24, seed=7)
+        done.write_text("ok")
+    return root
 
 
 @pytest.fixture
 def data_dir_copy(synth_dir: Path, tmp_path: Path) -> Path:
     """A private copy of the synthetic data_dir that a test may modify."""
     copy = tmp_path / "data"
-    shutil.copytree(synth_dir, copy)
+    shutil.copytree(synth_dir, copy, ignore=shutil.ignore_patterns(".complete"))
     return copy

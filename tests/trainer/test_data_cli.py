@@ -21,7 +21,7 @@ def digest(root: Path) -> dict[str, str]:
     return {
         str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
         for p in root.rglob("*")
-        if p.is_file()
+        if p.is_file() and not p.name.startswith(".")  # the fixture's completion marker
     }
 
 
