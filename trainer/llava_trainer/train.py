@@ -200,8 +200,10 @@ def train(config: TrainConfig, world: World) -> int:
             engine, ckpt_root, state, loader.state_dict(), world, config.save_total_limit
         )
     export_dir, projector = export(engine, config, text, world)
+    stats = getattr(loader, "stats", None)
     progress.finish(
         state,
+        data=stats.as_dict() if hasattr(stats, "as_dict") else None,
         checkpoint=str(export_dir),
         projector=str(projector) if projector else None,
         duration_seconds=round(time.monotonic() - started, 1),
@@ -405,7 +407,10 @@ class ProgressLog:
         self.log.event(name, **fields)
 
     def begin(self, step: int) -> None:
+        """The loop starts (at `step` after a resume): report it before the first step completes."""
         self.start_step, self.window_started = step, _now(self.world)
+        percent = int(100 * step / self.total_steps)
+        self.status.progress(step=step, total_steps=self.total_steps, percent=percent)
 
     def micro_batch(self, batch: dict[str, Any], loss: torch.Tensor) -> None:
         self.window.add(count_batch(batch, self.shape, self.stage))
@@ -442,8 +447,9 @@ class ProgressLog:
         self.status.progress(**progress, percent=int(100 * state.step / self.total_steps))
         self.window, self.loss_sum, self.loss_count, self.window_started = Throughput(), None, 0, now
 
-    def finish(self, state: TrainState, **results: Any) -> None:
-        """The stage's results (this attempt's throughput and MFU) to the log and the status."""
+    def finish(self, state: TrainState, data: dict[str, Any] | None, **results: Any) -> None:
+        """The stage's results (this attempt's throughput and MFU) to the log and the status; what
+        the data loader skipped or truncated to the log only (prepare reports data health)."""
         rates = self.stage_totals.rates(self.loop_seconds, self.world.world_size, self.peak)
         results = {
             "steps": state.step,
@@ -452,7 +458,7 @@ class ProgressLog:
             **{k: rates[k] for k in ("samples_per_second", "tokens_per_second", "mfu", "mfu_flagperf")},
             **results,
         }
-        self.log.event("end", **results)
+        self.log.event("end", **results, data=data)
         self.status.progress(step=state.step, total_steps=self.total_steps, percent=100, eta_seconds=0)
         self.status.results(self.stage, {k: v for k, v in results.items() if v is not None and _finite(v)})
         self.close()
