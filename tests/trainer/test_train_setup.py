@@ -7,12 +7,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from llava_trainer.checkpoint import COMPLETE, complete_checkpoints, latest_checkpoint, remove_incomplete
+from llava_trainer.checkpoint import (
+    COMPLETE,
+    checkpoint_fits,
+    complete_checkpoints,
+    latest_checkpoint,
+    remove_incomplete,
+)
 from llava_trainer.config import FinetuneConfig, PretrainConfig
 from llava_trainer.deepspeed_config import BatchSizeError, batch_layout, build_deepspeed_config
 from llava_trainer.distributed import torchrun_relaunch_command
 from llava_trainer.model import attention_implementation, choose_precision, normalise_projector_keys
-from llava_trainer.train import checkpoint_fits
 
 pytestmark = pytest.mark.trainer
 

@@ -8,16 +8,20 @@ Contents: DeepSpeed's engine checkpoint (trainable weights only, optimizer and s
 every rank's ZeRO partitions) in `ds/`, and per rank `trainer_state_rank<r>.pt` (data loader
 position, RNG states). `trainer_state.json` records step, epoch and world size for humans and for
 the resume check. The output directory must be shared by all ranks (one PVC), as DeepSpeed's
-own checkpoints assume.
+own checkpoints assume. `GracefulStop` and `checkpoint_fits` are the SIGTERM policy: save once
+more if it fits in the grace period.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import random
 import re
 import shutil
+import signal
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -35,6 +39,8 @@ TMP_PREFIX = ".tmp-checkpoint-"
 COMPLETE = "COMPLETE"
 DS_TAG = "ds"
 _NAME = re.compile(rf"^{PREFIX}(\d+)$")
+DEFAULT_GRACE_SECONDS = 25.0
+"""Kubernetes' default terminationGracePeriodSeconds is 30; leave a margin for the exit."""
 
 
 @dataclass
@@ -141,6 +147,19 @@ def load_checkpoint(engine: Any, path: Path, world: World) -> tuple[TrainState, 
     return TrainState(**per_rank["train_state"]), per_rank["loader"]
 
 
+def resume(engine: Any, root: Path, world: World) -> tuple[TrainState, dict[str, Any] | None, Path | None]:
+    """The newest complete checkpoint's train state, this rank's loader position and its path; a
+    fresh start when there is none. Leftovers of a killed save are removed first."""
+    if world.is_main:
+        remove_incomplete(root)
+    barrier(world)
+    latest = latest_checkpoint(root)
+    if latest is None:
+        return TrainState(), None, None
+    state, loader_state = load_checkpoint(engine, latest, world)
+    return state, loader_state, latest
+
+
 def remove_incomplete(root: Path) -> None:
     """Delete temporary and unmarked checkpoint directories left by a killed run (rank 0)."""
     if not root.is_dir():
@@ -161,3 +180,45 @@ def _remove(path: Path) -> None:
     # Drop the marker first: a half-deleted directory must never look complete.
     (path / COMPLETE).unlink(missing_ok=True)
     shutil.rmtree(path, ignore_errors=True)
+
+
+class GracefulStop:
+    """SIGTERM (pod deletion, preemption) sets a flag; the loop finishes its step, saves a checkpoint
+    if one fits in the grace period, and exits 143 so the stage is retried and resumes."""
+
+    def __init__(self) -> None:
+        self.signalled_at: float | None = None
+        self._previous: Any = None
+
+    def __enter__(self) -> GracefulStop:
+        self._previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        signal.signal(signal.SIGTERM, self._previous or signal.SIG_DFL)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signalled_at is None:
+            self.signalled_at = time.monotonic()
+            print("llava-trainer: SIGTERM received; stopping after this step", file=sys.stderr, flush=True)
+
+    def requested_anywhere(self, world: World) -> bool:
+        """Whether any rank got the signal (all ranks must stop at the same step)."""
+        local = 1.0 if self.signalled_at is not None else 0.0
+        return all_reduce_floats([local], world, op="max")[0] > 0
+
+    def seconds_left(self, world: World) -> float:
+        try:
+            grace = float(os.environ.get("LLAVARUN_GRACE_SECONDS", DEFAULT_GRACE_SECONDS))
+        except ValueError:
+            grace = DEFAULT_GRACE_SECONDS
+        elapsed = time.monotonic() - self.signalled_at if self.signalled_at is not None else 0.0
+        return grace - all_reduce_floats([elapsed], world, op="max")[0]
+
+
+def checkpoint_fits(last_checkpoint_seconds: float | None, seconds_left: float) -> bool:
+    """Whether a checkpoint should still finish before the kill: the last one's duration with a
+    25% + 1 s margin; with no measurement yet, try (a cut-short save is never taken as complete)."""
+    if last_checkpoint_seconds is None:
+        return seconds_left > 0
+    return last_checkpoint_seconds * 1.25 + 1.0 < seconds_left

@@ -11,8 +11,9 @@ Two MFU conventions are reported side by side (DESIGN §6, reference/performance
   (7e9, 13e9), nothing else; so numbers compare with the published FlagPerf tables.
 
 N here counts the LLM's matmul weights: every linear layer plus the LM head, not the input
-embedding (a lookup) or the norms. This module is plain Python at import time (torch and
-tensorboard load lazily) so bench/gpu_step.py can use it without DeepSpeed or pydantic.
+embedding (a lookup) or the norms. This module is plain Python at import time (torch, DeepSpeed,
+tensorboard and the status reporter load lazily) so bench/gpu_step.py can use it without DeepSpeed
+or pydantic. `ProgressLog` at the end is what the training loop reports each logging step.
 """
 
 from __future__ import annotations
@@ -24,7 +25,10 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
+
+if TYPE_CHECKING:
+    from .distributed import World
 
 Stage = Literal["pretrain", "finetune"]
 
@@ -254,3 +258,163 @@ def _finite(value: Any) -> Any:
     if isinstance(value, list | tuple):
         return [_finite(v) for v in value]
     return value
+
+
+# --- what the training loop reports (rank 0), built on the above ------------------------------------
+
+_PROGRESS_FIELDS = {
+    "step",
+    "total_steps",
+    "epoch",
+    "loss",
+    "learning_rate",
+    "grad_norm",
+    "samples_per_second",
+    "tokens_per_second",
+    "padded_tokens_per_second",
+    "mfu",
+    "mfu_flagperf",
+    "gpu_memory_gib",
+    "eta_seconds",
+}
+
+
+def count_batch(batch: dict[str, Any], shape: LlavaShape, stage: str) -> Throughput:
+    """Samples, real and padded tokens, images and model FLOPs of one micro-batch (this rank)."""
+    mask = batch["attention_mask"]
+    lengths = mask.sum(dim=1).tolist()
+    images = int(batch.get("num_images", batch["pixel_values"].shape[0] if "pixel_values" in batch else 0))
+    padded = int(batch["input_ids"].numel())
+    return Throughput(
+        samples=int(batch.get("num_samples", len(lengths))),
+        real_tokens=int(sum(lengths)),
+        padded_tokens=padded,
+        images=images,
+        flops=batch_flops(shape, stage, lengths, images),  # type: ignore[arg-type]
+        flagperf_flops=flagperf_flops(shape, stage, padded),  # type: ignore[arg-type]
+    )
+
+
+def _grad_norm(engine: Any) -> float | None:
+    norm = engine.get_global_grad_norm()
+    if norm is None:
+        return None
+    return float(norm.item() if hasattr(norm, "item") else norm)
+
+
+def _device_memory_gib(world: World) -> float | None:
+    """Peak accelerator memory since start; None on CPU (host RSS is not device memory)."""
+    if world.device_type == "cpu":
+        return None
+    from deepspeed.accelerator import get_accelerator
+
+    return round(get_accelerator().max_memory_allocated(world.local_rank) / 2**30, 2)
+
+
+def _now(world: World) -> float:
+    """Wall time after the device has finished its queued work (so windows time real work)."""
+    if world.device_type != "cpu":
+        from deepspeed.accelerator import get_accelerator
+
+        get_accelerator().synchronize()
+    return time.monotonic()
+
+
+class ProgressLog:
+    """Everything rank 0 reports: JSON log lines, TensorBoard, the LlavaRun status. Counters are
+    per rank and summed over ranks only at logging steps (one collective per log)."""
+
+    def __init__(
+        self,
+        out: Path,
+        stage: str,
+        world: World,
+        shape: LlavaShape,
+        peak: float | None,
+        total_steps: int,
+        steps_per_epoch: int,
+    ) -> None:
+        self.stage, self.world, self.shape, self.peak = stage, world, shape, peak
+        self.total_steps, self.steps_per_epoch = total_steps, steps_per_epoch
+        from .status import StatusReporter  # pydantic: imported here so the bench need not have it
+
+        self.log = TrainingLog(out / "tensorboard", stage=stage, enabled=world.is_main)
+        self.status = StatusReporter.from_env() if world.is_main else StatusReporter()
+        self.status.stage = self.status.stage or stage
+        self.window, self.stage_totals = Throughput(), Throughput()
+        self.loss_sum: Any = None
+        self.loss_count = 0
+        self.last_loss = float("nan")
+        self.start_step, self.loop_seconds, self.window_started = 0, 0.0, 0.0
+
+    def event(self, name: str, **fields: Any) -> None:
+        self.log.event(name, **fields)
+
+    def begin(self, step: int) -> None:
+        """The loop starts (at `step` after a resume): report it before the first step completes."""
+        self.start_step, self.window_started = step, _now(self.world)
+        percent = int(100 * step / self.total_steps)
+        self.status.progress(step=step, total_steps=self.total_steps, percent=percent)
+
+    def micro_batch(self, batch: dict[str, Any], loss: Any) -> None:
+        self.window.add(count_batch(batch, self.shape, self.stage))
+        value = loss.detach().float()
+        self.loss_sum = value if self.loss_sum is None else self.loss_sum + value
+        self.loss_count += 1
+
+    def log_step(self, state: Any, engine: Any) -> None:
+        """One `step` line (and TensorBoard, status) for the steps since the last one; adds the
+        window's samples and seconds to the train state (checkpointed)."""
+        now = _now(self.world)
+        seconds = now - self.window_started
+        local_loss = float(self.loss_sum.item()) if self.loss_sum is not None else 0.0
+        from .distributed import all_reduce_floats
+
+        summed = all_reduce_floats([local_loss, float(self.loss_count), *self.window.as_list()], self.world)
+        self.last_loss = summed[0] / summed[1] if summed[1] else float("nan")
+        window = Throughput.from_list(summed[2:])
+        self.stage_totals.add(window)
+        self.loop_seconds += seconds
+        state.samples += window.samples
+        state.train_seconds += seconds
+        done = state.step - self.start_step
+        record = {
+            "step": state.step,
+            "total_steps": self.total_steps,
+            "epoch": round(state.step / self.steps_per_epoch, 4),
+            "loss": self.last_loss,
+            "learning_rate": engine.get_lr()[0],  # after the step, as HF Trainer logs it
+            "grad_norm": _grad_norm(engine),
+            **window.rates(seconds, self.world.world_size, self.peak),
+            "gpu_memory_gib": _device_memory_gib(self.world),
+            "eta_seconds": int(self.loop_seconds / done * (self.total_steps - state.step)) if done else None,
+        }
+        self.log.event("step", **record)
+        self.log.scalars(state.step, {k: v for k, v in record.items() if isinstance(v, int | float)})
+        progress = {k: v for k, v in record.items() if k in _PROGRESS_FIELDS}
+        self.status.progress(**progress, percent=int(100 * state.step / self.total_steps))
+        self.window, self.loss_sum, self.loss_count, self.window_started = Throughput(), None, 0, now
+
+    def finish(self, state: Any, data: dict[str, Any] | None, **results: Any) -> None:
+        """The stage's results (this attempt's throughput and MFU) to the log and the status; what
+        the data loader skipped or truncated to the log only (prepare reports data health)."""
+        rates = self.stage_totals.rates(self.loop_seconds, self.world.world_size, self.peak)
+        results = {
+            "steps": state.step,
+            "samples": state.samples,
+            "final_loss": self.last_loss,
+            **{k: rates[k] for k in ("samples_per_second", "tokens_per_second", "mfu", "mfu_flagperf")},
+            **results,
+        }
+        self.log.event("end", **results, data=data)
+        self.status.progress(step=state.step, total_steps=self.total_steps, percent=100, eta_seconds=0)
+        self.status.results(self.stage, {k: v for k, v in results.items() if v is not None and _is_finite(v)})
+        self.close()
+
+    def close(self) -> None:
+        self.status.flush()
+        self.log.close()
+
+
+def _is_finite(value: Any) -> bool:
+    return not (isinstance(value, float) and not math.isfinite(value))

@@ -191,6 +191,25 @@ def enable_gradient_checkpointing(model: LlavaForConditionalGeneration) -> None:
     model.model.language_model.activation_checkpointing_enable({"use_reentrant": False})
 
 
+def with_blank_image_row(
+    inputs: dict[str, torch.Tensor], image_token_id: int, pad_token_id: int, num_image_tokens: int
+) -> dict[str, torch.Tensor]:
+    """`inputs` plus a row holding one image's tokens and nothing to learn: all its labels are
+    ignored and rows do not attend to each other, so the loss is unchanged and the gradients
+    reaching the vision tower and projector through it are exactly zero (train.forward_loss)."""
+    rows, length = inputs["input_ids"].shape
+    width = max(length, num_image_tokens)
+    fill = {"input_ids": pad_token_id, "attention_mask": 0, "labels": -100}
+    out = {}
+    for key, tensor in inputs.items():
+        grown = torch.full((rows + 1, width), fill[key], dtype=tensor.dtype)
+        grown[:rows, :length] = tensor
+        out[key] = grown
+    out["input_ids"][rows, :num_image_tokens] = image_token_id
+    out["attention_mask"][rows, :num_image_tokens] = 1
+    return out
+
+
 def normalise_projector_keys(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """LLaVA (`model.mm_projector.0.*`) or HF (`[model.]multi_modal_projector.linear_1.*`) keys ->
     the projector module's own keys (`linear_1.weight`, ...)."""

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
-import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -27,19 +25,16 @@ from .config import EXPORT_DIR, PROJECTOR_FILE, TrainConfig, config_to_args
 from .deepspeed_config import batch_layout, build_deepspeed_config
 from .distributed import (
     World,
-    all_reduce_floats,
     barrier,
     init_distributed,
     relaunch_under_torchrun_if_needed,
 )
-from .metrics import LlavaShape, Throughput, TrainingLog, batch_flops, flagperf_flops, resolve_peak_tflops
-from .status import StatusReporter
+from .metrics import LlavaShape, ProgressLog, resolve_peak_tflops
 
 log = logging.getLogger("llava_trainer.train")
 
 EXIT_TERMINATED = 143
 """128 + SIGTERM: the stage failed on purpose so the operator retries it (and we resume)."""
-DEFAULT_GRACE_SECONDS = 25.0
 
 
 def run(config: TrainConfig) -> int:
@@ -153,13 +148,15 @@ def train(config: TrainConfig, world: World) -> int:
     if why:
         log.warning("%s", why)
     ckpt_root = out / "checkpoints"
-    state, loader_state = resume(engine, ckpt_root, world, progress)
+    state, loader_state, resumed_from = checkpoint.resume(engine, ckpt_root, world)
+    if resumed_from is not None:
+        progress.event("resume", checkpoint=str(resumed_from), step=state.step, epoch=state.epoch)
     progress.begin(state.step)
     last_ckpt_seconds: float | None = None
 
     # --- the loop -----------------------------------------------------------------------------------
     engine.train()
-    with GracefulStop() as stop:
+    with checkpoint.GracefulStop() as stop:
         for epoch in range(state.epoch, config.epochs):
             if state.step >= total_steps:
                 break
@@ -213,22 +210,6 @@ def train(config: TrainConfig, world: World) -> int:
 
 # --- the pieces the loop names ------------------------------------------------------------------
 
-_PROGRESS_FIELDS = {
-    "step",
-    "total_steps",
-    "epoch",
-    "loss",
-    "learning_rate",
-    "grad_norm",
-    "samples_per_second",
-    "tokens_per_second",
-    "padded_tokens_per_second",
-    "mfu",
-    "mfu_flagperf",
-    "gpu_memory_gib",
-    "eta_seconds",
-}
-
 
 def load_text_side(config: TrainConfig) -> TextSide:
     """Tokenizer extended with <image> and <pad> (as HF's llava-1.5), the CLIP image processor, and
@@ -258,22 +239,6 @@ def build_loader(config: TrainConfig, text: TextSide, world: World) -> Any:
     )
 
 
-def count_batch(batch: dict[str, Any], shape: LlavaShape, stage: str) -> Throughput:
-    """Samples, real and padded tokens, images and model FLOPs of one micro-batch (this rank)."""
-    mask = batch["attention_mask"]
-    lengths = mask.sum(dim=1).tolist()
-    images = int(batch.get("num_images", batch["pixel_values"].shape[0] if "pixel_values" in batch else 0))
-    padded = int(batch["input_ids"].numel())
-    return Throughput(
-        samples=int(batch.get("num_samples", len(lengths))),
-        real_tokens=int(sum(lengths)),
-        padded_tokens=padded,
-        images=images,
-        flops=batch_flops(shape, stage, lengths, images),  # type: ignore[arg-type]
-        flagperf_flops=flagperf_flops(shape, stage, padded),  # type: ignore[arg-type]
-    )
-
-
 def forward_loss(engine: Any, batch: dict[str, Any], world: World, text: TextSide) -> torch.Tensor:
     """The LM loss of one micro-batch, always through the vision tower and the projector.
 
@@ -288,30 +253,13 @@ def forward_loss(engine: Any, batch: dict[str, Any], world: World, text: TextSid
     pixel_values = batch.get("pixel_values")
     if pixel_values is None:
         vision = engine.module.config.vision_config
-        inputs = with_blank_image_row(
+        inputs = llava_model.with_blank_image_row(
             inputs, text.image_token_id, text.tokenizer.pad_token_id, text.num_image_tokens
         )
         pixel_values = torch.zeros(1, vision.num_channels, vision.image_size, vision.image_size)
     inputs = {k: v.to(world.device, non_blocking=True) for k, v in inputs.items()}
     inputs["pixel_values"] = pixel_values.to(world.device, dtype=dtype, non_blocking=True)
     return engine(**inputs).loss
-
-
-def with_blank_image_row(
-    inputs: dict[str, torch.Tensor], image_token_id: int, pad_token_id: int, num_image_tokens: int
-) -> dict[str, torch.Tensor]:
-    """`inputs` plus a row holding one image's tokens and nothing to learn (see forward_loss)."""
-    rows, length = inputs["input_ids"].shape
-    width = max(length, num_image_tokens)
-    fill = {"input_ids": pad_token_id, "attention_mask": 0, "labels": -100}
-    out = {}
-    for key, tensor in inputs.items():
-        grown = torch.full((rows + 1, width), fill[key], dtype=tensor.dtype)
-        grown[:rows, :length] = tensor
-        out[key] = grown
-    out["input_ids"][rows, :num_image_tokens] = image_token_id
-    out["attention_mask"][rows, :num_image_tokens] = 1
-    return out
 
 
 def export(engine: Any, config: TrainConfig, text: TextSide, world: World) -> tuple[Path, Path | None]:
@@ -353,178 +301,6 @@ def _lr_schedule(kind: str, warmup_steps: int, total_steps: int, optimizer: torc
     return get_scheduler(name, optimizer, num_warmup_steps=warmup_steps, num_training_steps=total_steps)
 
 
-def _grad_norm(engine: Any) -> float | None:
-    norm = engine.get_global_grad_norm()
-    if norm is None:
-        return None
-    return float(norm.item() if isinstance(norm, torch.Tensor) else norm)
-
-
-def _device_memory_gib(world: World) -> float | None:
-    """Peak accelerator memory since start; None on CPU (host RSS is not device memory)."""
-    if world.device_type == "cpu":
-        return None
-    from deepspeed.accelerator import get_accelerator
-
-    return round(get_accelerator().max_memory_allocated(world.local_rank) / 2**30, 2)
-
-
-def _now(world: World) -> float:
-    """Wall time after the device has finished its queued work (so windows time real work)."""
-    if world.device_type != "cpu":
-        from deepspeed.accelerator import get_accelerator
-
-        get_accelerator().synchronize()
-    return time.monotonic()
-
-
-class ProgressLog:
-    """Everything rank 0 reports: JSON log lines, TensorBoard, the LlavaRun status. Counters are
-    per rank and summed over ranks only at logging steps (one collective per log)."""
-
-    def __init__(
-        self,
-        out: Path,
-        stage: str,
-        world: World,
-        shape: LlavaShape,
-        peak: float | None,
-        total_steps: int,
-        steps_per_epoch: int,
-    ) -> None:
-        self.stage, self.world, self.shape, self.peak = stage, world, shape, peak
-        self.total_steps, self.steps_per_epoch = total_steps, steps_per_epoch
-        self.log = TrainingLog(out / "tensorboard", stage=stage, enabled=world.is_main)
-        self.status = StatusReporter.from_env() if world.is_main else StatusReporter()
-        self.status.stage = self.status.stage or stage
-        self.window, self.stage_totals = Throughput(), Throughput()
-        self.loss_sum: torch.Tensor | None = None
-        self.loss_count = 0
-        self.last_loss = float("nan")
-        self.start_step, self.loop_seconds, self.window_started = 0, 0.0, 0.0
-
-    def event(self, name: str, **fields: Any) -> None:
-        self.log.event(name, **fields)
-
-    def begin(self, step: int) -> None:
-        """The loop starts (at `step` after a resume): report it before the first step completes."""
-        self.start_step, self.window_started = step, _now(self.world)
-        percent = int(100 * step / self.total_steps)
-        self.status.progress(step=step, total_steps=self.total_steps, percent=percent)
-
-    def micro_batch(self, batch: dict[str, Any], loss: torch.Tensor) -> None:
-        self.window.add(count_batch(batch, self.shape, self.stage))
-        value = loss.detach().float()
-        self.loss_sum = value if self.loss_sum is None else self.loss_sum + value
-        self.loss_count += 1
-
-    def log_step(self, state: TrainState, engine: Any) -> None:
-        now = _now(self.world)
-        seconds = now - self.window_started
-        local_loss = float(self.loss_sum.item()) if self.loss_sum is not None else 0.0
-        summed = all_reduce_floats([local_loss, float(self.loss_count), *self.window.as_list()], self.world)
-        self.last_loss = summed[0] / summed[1] if summed[1] else float("nan")
-        window = Throughput.from_list(summed[2:])
-        self.stage_totals.add(window)
-        self.loop_seconds += seconds
-        state.samples += window.samples
-        state.train_seconds += seconds
-        done = state.step - self.start_step
-        record = {
-            "step": state.step,
-            "total_steps": self.total_steps,
-            "epoch": round(state.step / self.steps_per_epoch, 4),
-            "loss": self.last_loss,
-            "learning_rate": engine.get_lr()[0],  # after the step, as HF Trainer logs it
-            "grad_norm": _grad_norm(engine),
-            **window.rates(seconds, self.world.world_size, self.peak),
-            "gpu_memory_gib": _device_memory_gib(self.world),
-            "eta_seconds": int(self.loop_seconds / done * (self.total_steps - state.step)) if done else None,
-        }
-        self.log.event("step", **record)
-        self.log.scalars(state.step, {k: v for k, v in record.items() if isinstance(v, int | float)})
-        progress = {k: v for k, v in record.items() if k in _PROGRESS_FIELDS}
-        self.status.progress(**progress, percent=int(100 * state.step / self.total_steps))
-        self.window, self.loss_sum, self.loss_count, self.window_started = Throughput(), None, 0, now
-
-    def finish(self, state: TrainState, data: dict[str, Any] | None, **results: Any) -> None:
-        """The stage's results (this attempt's throughput and MFU) to the log and the status; what
-        the data loader skipped or truncated to the log only (prepare reports data health)."""
-        rates = self.stage_totals.rates(self.loop_seconds, self.world.world_size, self.peak)
-        results = {
-            "steps": state.step,
-            "samples": state.samples,
-            "final_loss": self.last_loss,
-            **{k: rates[k] for k in ("samples_per_second", "tokens_per_second", "mfu", "mfu_flagperf")},
-            **results,
-        }
-        self.log.event("end", **results, data=data)
-        self.status.progress(step=state.step, total_steps=self.total_steps, percent=100, eta_seconds=0)
-        self.status.results(self.stage, {k: v for k, v in results.items() if v is not None and _finite(v)})
-        self.close()
-
-    def close(self) -> None:
-        self.status.flush()
-        self.log.close()
-
-
-def _finite(value: Any) -> bool:
-    return not (isinstance(value, float) and not math.isfinite(value))
-
-
-def resume(engine: Any, root: Path, world: World, progress: ProgressLog) -> tuple[TrainState, dict | None]:
-    """The newest complete checkpoint's state (and this rank's loader position), or a fresh start.
-    Leftovers of a killed save are removed first."""
-    if world.is_main:
-        checkpoint.remove_incomplete(root)
-    barrier(world)
-    latest = checkpoint.latest_checkpoint(root)
-    if latest is None:
-        return TrainState(), None
-    state, loader_state = checkpoint.load_checkpoint(engine, latest, world)
-    progress.event("resume", checkpoint=str(latest), step=state.step, epoch=state.epoch)
-    return state, loader_state
-
-
-class GracefulStop:
-    """SIGTERM (pod deletion, preemption) sets a flag; the loop finishes its step, saves a checkpoint
-    if one fits in the grace period, and exits 143 so the stage is retried and resumes."""
-
-    def __init__(self) -> None:
-        self.signalled_at: float | None = None
-        self._previous: Any = None
-
-    def __enter__(self) -> GracefulStop:
-        self._previous = signal.signal(signal.SIGTERM, self._handle)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        signal.signal(signal.SIGTERM, self._previous or signal.SIG_DFL)
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        if self.signalled_at is None:
-            self.signalled_at = time.monotonic()
-            print("llava-trainer: SIGTERM received; stopping after this step", file=sys.stderr, flush=True)
-
-    def requested_anywhere(self, world: World) -> bool:
-        """Whether any rank got the signal (all ranks must stop at the same step)."""
-        local = 1.0 if self.signalled_at is not None else 0.0
-        return all_reduce_floats([local], world, op="max")[0] > 0
-
-    def seconds_left(self, world: World) -> float:
-        grace = float(os.environ.get("LLAVARUN_GRACE_SECONDS", DEFAULT_GRACE_SECONDS))
-        elapsed = time.monotonic() - self.signalled_at if self.signalled_at is not None else 0.0
-        return grace - all_reduce_floats([elapsed], world, op="max")[0]
-
-
-def checkpoint_fits(last_checkpoint_seconds: float | None, seconds_left: float) -> bool:
-    """Whether a checkpoint should still finish before the kill: the last one's duration with a
-    25% + 1 s margin; with no measurement yet, try (a cut-short save is never taken as complete)."""
-    if last_checkpoint_seconds is None:
-        return seconds_left > 0
-    return last_checkpoint_seconds * 1.25 + 1.0 < seconds_left
-
-
 def terminate(
     engine: Any,
     ckpt_root: Path,
@@ -532,16 +308,15 @@ def terminate(
     loader: Any,
     world: World,
     config: TrainConfig,
-    stop: GracefulStop,
+    stop: checkpoint.GracefulStop,
     last_ckpt_seconds: float | None,
     progress: ProgressLog,
 ) -> int:
-    """Save if the last checkpoint's duration says another fits in what is left of the grace period
-    (unknown duration: try anyway; a checkpoint cut short is never mistaken for a complete one)."""
+    """After SIGTERM: save if the last checkpoint's duration says another fits in what is left of
+    the grace period, then exit 143 (the operator retries the stage, which resumes)."""
     left = stop.seconds_left(world)
-    fits = checkpoint_fits(last_ckpt_seconds, left)
     saved = checkpoint.latest_checkpoint(ckpt_root) == ckpt_root / f"{checkpoint.PREFIX}{state.step}"
-    if fits and not saved:
+    if not saved and checkpoint.checkpoint_fits(last_ckpt_seconds, left):
         checkpoint.save_checkpoint(
             engine, ckpt_root, state, loader.state_dict(), world, config.save_total_limit
         )
