@@ -22,7 +22,7 @@ from . import checkpoint
 from . import model as llava_model
 from .checkpoint import TrainState
 from .config import EXPORT_DIR, PROJECTOR_FILE, TrainConfig, config_to_args
-from .deepspeed_config import batch_layout, build_deepspeed_config
+from .deepspeed_config import BatchSizeError, batch_layout, build_deepspeed_config
 from .distributed import (
     World,
     barrier,
@@ -71,7 +71,10 @@ def train(config: TrainConfig, world: World) -> int:
     # --- precision, tokenizer, batch layout, DeepSpeed config -------------------------------
     precision, why = llava_model.choose_precision(config.precision, world.device_type)
     text = load_text_side(config)
-    layout = batch_layout(config.global_batch_size, config.micro_batch_size, world.world_size)
+    try:
+        layout = batch_layout(config.global_batch_size, config.micro_batch_size, world.world_size)
+    except BatchSizeError as err:
+        raise SystemExit(f"llava-trainer {stage}: {err}") from None
     llm_config = llava_model.language_model_config(config.resolve(config.language_model))
     ds_config = build_deepspeed_config(config, layout, precision, llm_config.hidden_size)
 
