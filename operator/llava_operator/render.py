@@ -22,7 +22,7 @@ from .naming import (
     status_role,
     trainer_service_account,
 )
-from .trainer_command import launcher_command, trainer_args
+from .trainer_command import launcher_command, stage_env, trainer_args
 
 RUN_AS_USER = 1000
 POD_SECURITY_CONTEXT = {
@@ -113,23 +113,12 @@ def _resources(run: LlavaRun, res: StageResources | PrepareResources, gpus: int)
 
 
 def _env(run: LlavaRun, stage: Stage, attempt: int) -> list[dict[str, Any]]:
-    profile = run.spec.accelerator.resolved()
     env = {
         "LLAVARUN_NAME": run.name,
         "LLAVARUN_NAMESPACE": run.namespace,
-        "LLAVARUN_STAGE": stage.value,
-        "LLAVARUN_ATTEMPT": str(attempt),
-        "LLAVARUN_JOB": job_name(run.name, stage, attempt),
-        "LLAVARUN_DIST_BACKEND": profile.backend,
-        "HF_HUB_OFFLINE": "1",
-        "TRANSFORMERS_OFFLINE": "1",
+        **stage_env(run.spec, run.name, stage, attempt),
         "HOME": "/tmp",
-        **profile.env,
     }
-    if run.spec.accelerator.peak_tflops:
-        env["LLAVARUN_PEAK_TFLOPS"] = str(profile.peak_tflops)
-    if profile.backend == "nccl":
-        env["TORCH_NCCL_ASYNC_ERROR_HANDLING"] = "1"
     rendered = [{"name": k, "value": v} for k, v in env.items()]
     # User env comes last so it can override (e.g. NCCL_DEBUG), except the run identity above.
     identity = {k for k in env if k.startswith("LLAVARUN_")}

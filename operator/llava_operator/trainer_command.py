@@ -19,6 +19,7 @@ from llava_trainer.config import (
 )
 
 from .api import LlavaRunSpec, Stage
+from .naming import job_name
 
 _TRAINING_FIELDS = (
     "learning_rate",
@@ -129,6 +130,26 @@ def stage_config(spec: LlavaRunSpec, stage: Stage, *, data_dir_override: str | N
 def trainer_args(spec: LlavaRunSpec, stage: Stage, *, data_dir_override: str | None = None) -> list[str]:
     """`llava-trainer <stage> <flags>`, without the launcher."""
     return [stage.value, *config_to_args(stage_config(spec, stage, data_dir_override=data_dir_override))]
+
+
+def stage_env(spec: LlavaRunSpec, run_name: str, stage: Stage, attempt: int) -> dict[str, str]:
+    """The environment every process of a stage gets, on a cluster and locally: which attempt of
+    which stage it is, the accelerator profile's backend and device env, no hub downloads."""
+    profile = spec.accelerator.resolved()
+    env = {
+        "LLAVARUN_STAGE": stage.value,
+        "LLAVARUN_ATTEMPT": str(attempt),
+        "LLAVARUN_JOB": job_name(run_name, stage, attempt),
+        "LLAVARUN_DIST_BACKEND": profile.backend,
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        **profile.env,
+    }
+    if spec.accelerator.peak_tflops:
+        env["LLAVARUN_PEAK_TFLOPS"] = str(profile.peak_tflops)
+    if profile.backend == "nccl":
+        env["TORCH_NCCL_ASYNC_ERROR_HANDLING"] = "1"
+    return env
 
 
 def launcher_command(stage: Stage) -> list[str]:

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from .data.formats import FINETUNE_IMAGE_DIRS
 from .data.images import CLIP_MEAN, CLIP_STD
 from .data.templates import VICUNA_SYSTEM
 
@@ -234,14 +235,7 @@ def _finetune(
             _jpeg(data / image, rng, np_rng)
         turns[0]["value"] = f"<image>\n{turns[0]['value']}" if i % 4 else f"{turns[0]['value']}\n<image>"
         records.append({"id": sample_id, "image": image, "conversations": turns})
-    for directory in (
-        "coco/train2017",
-        "gqa/images",
-        "ocr_vqa/images",
-        "textvqa/train_images",
-        "vg/VG_100K",
-        "vg/VG_100K_2",
-    ):
+    for directory in FINETUNE_IMAGE_DIRS:
         (data / directory).mkdir(parents=True, exist_ok=True)
     _write_json(root / "llava_v1_5_mix665k.json", records)
     return records

@@ -27,7 +27,7 @@ from typing import Any
 from ..api import LlavaRun, Stage
 from ..api.spec import PrepareResources
 from ..naming import job_name
-from ..trainer_command import trainer_args
+from ..trainer_command import stage_env, trainer_args
 
 STATUS_FILE = "llavarun-status.json"
 INTERRUPTED_EXIT = 130
@@ -59,29 +59,21 @@ def stage_command(run: LlavaRun, stage: Stage, data_dir: Path) -> list[str]:
     ]
 
 
-def stage_env(run: LlavaRun, stage: Stage, attempt: int, status_file: Path) -> dict[str, str]:
-    profile = run.spec.accelerator.resolved()
+def local_env(run: LlavaRun, stage: Stage, attempt: int, status_file: Path) -> dict[str, str]:
+    """The stage's environment as its pods would have it, reporting into the status file."""
     env = dict(os.environ)
-    env.update(profile.env)
+    # Locally the status goes to the file only, never to a cluster the shell happens to point at.
+    for key in ("LLAVARUN_NAME", "LLAVARUN_NAMESPACE", "LLAVARUN_KUBECONFIG"):
+        env.pop(key, None)
+    env.update(stage_env(run.spec, run.name, stage, attempt))
     env.update({e.name: e.value for e in run.spec.placement.env})
     env.update(
         {
             "LLAVARUN_STATUS_FILE": str(status_file),
-            "LLAVARUN_STAGE": stage.value,
-            "LLAVARUN_ATTEMPT": str(attempt),
-            "LLAVARUN_JOB": job_name(run.name, stage, attempt),
-            "LLAVARUN_DIST_BACKEND": profile.backend,
-            "HF_HUB_OFFLINE": "1",
-            "TRANSFORMERS_OFFLINE": "1",
             "PYTHONUNBUFFERED": "1",
             "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // processes(run, stage))),
         }
     )
-    if run.spec.accelerator.peak_tflops:
-        env["LLAVARUN_PEAK_TFLOPS"] = str(profile.peak_tflops)
-    # Locally the status goes to the file only, never to a cluster the shell happens to point at.
-    for key in ("LLAVARUN_NAME", "LLAVARUN_NAMESPACE", "LLAVARUN_KUBECONFIG"):
-        env.pop(key, None)
     return env
 
 
@@ -215,7 +207,7 @@ class LocalRun:
 
     def _spawn(self, stage: Stage, attempt: int, log: Path) -> int:
         command = stage_command(self.run, stage, self.data_dir)
-        env = stage_env(self.run, stage, attempt, self.status.path)
+        env = local_env(self.run, stage, attempt, self.status.path)
         with log.open("a") as sink:
             sink.write(f"$ {' '.join(command)}\n")
             sink.flush()
