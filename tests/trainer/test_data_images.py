@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from llava_trainer.data.images import (
@@ -12,6 +14,7 @@ from llava_trainer.data.images import (
     ImagePipeline,
     background_colour,
     check_image,
+    decode_rgb,
     expand2square,
     hf_reference_pixels,
     load_image,
@@ -131,3 +134,92 @@ def test_grayscale_and_palette_images_become_rgb(tmp_path):
     Image.new("L", (30, 20), 77).save(path)
     pixels = ImagePipeline(clip_processor(56), "pad").load(path)
     assert pixels.shape == (3, 56, 56)
+
+
+# --- decode_rgb: libjpeg-turbo via simplejpeg, bit-identical to Pillow --------------------------
+
+
+def jpeg_file(path, width: int, height: int, *, seed: int = 0, mode: str = "RGB", **save) -> Path:
+    image = photo(width, height, seed)
+    image = image.convert(mode) if mode != "RGB" else image
+    image.save(path, "JPEG", **save)
+    return path
+
+
+def pil_pixels(path) -> np.ndarray:
+    return np.asarray(load_image(path))
+
+
+@pytest.mark.parametrize("subsampling", [0, 1, 2])  # 4:4:4, 4:2:2, 4:2:0
+@pytest.mark.parametrize("progressive", [False, True])
+@pytest.mark.parametrize("quality", [40, 75, 95])
+@pytest.mark.parametrize("size", [(336, 336), (448, 336), (333, 501), (17, 9), (640, 480)])
+def test_decode_rgb_is_bit_identical_to_pillow(tmp_path, subsampling, progressive, quality, size):
+    path = jpeg_file(
+        tmp_path / "x.jpg",
+        *size,
+        seed=quality,
+        quality=quality,
+        subsampling=subsampling,
+        progressive=progressive,
+    )
+    pixels = decode_rgb(path)
+    assert pixels.dtype == np.uint8 and pixels.shape == (size[1], size[0], 3)
+    assert np.array_equal(pixels, pil_pixels(path))
+
+
+def test_decode_rgb_takes_the_fast_path_for_ordinary_jpegs(tmp_path, monkeypatch):
+    pytest.importorskip("simplejpeg")
+    from llava_trainer.data import images
+
+    color = jpeg_file(tmp_path / "color.jpg", 64, 48)
+    gray = jpeg_file(tmp_path / "gray.jpg", 64, 48, mode="L")
+    expected = {p: pil_pixels(p) for p in (color, gray)}
+    monkeypatch.setattr(images, "load_image", lambda path: pytest.fail(f"Pillow decoded {path}"))
+    for path, pixels in expected.items():
+        assert np.array_equal(decode_rgb(path), pixels)
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_decode_rgb_falls_back_to_pillow_with_the_same_result(tmp_path, monkeypatch, fast):
+    """CMYK JPEG (Pillow's colour conversion, not libjpeg's), PNG named .jpg, a JPEG with trailing
+    junk (libjpeg warns), a multi-picture JPEG; and everything without simplejpeg installed."""
+    from llava_trainer.data import images
+
+    if not fast:
+        monkeypatch.setattr(images, "simplejpeg", None)
+    cmyk = jpeg_file(tmp_path / "cmyk.jpg", 50, 40, mode="CMYK")
+    png = tmp_path / "really_a_png.jpg"
+    photo(30, 20).save(png, "PNG")
+    junk = jpeg_file(tmp_path / "junk.jpg", 40, 30)
+    junk.write_bytes(junk.read_bytes()[:-2] + b"\x00" * 50 + b"\xff\xd9")
+    mpo = tmp_path / "mpo.jpg"
+    photo(40, 30).save(mpo, "MPO", save_all=True, append_images=[photo(40, 30, seed=1)])
+    for path in (cmyk, png, junk, mpo):
+        assert np.array_equal(decode_rgb(path), pil_pixels(path)), path.name
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_decode_rgb_names_missing_and_corrupt_files(tmp_path, monkeypatch, fast):
+    from llava_trainer.data import images
+
+    if not fast:
+        monkeypatch.setattr(images, "simplejpeg", None)
+    truncated = jpeg_file(tmp_path / "truncated.jpg", 64, 48)
+    truncated.write_bytes(truncated.read_bytes()[:300])
+    for path, problem in (
+        (tmp_path / "missing.jpg", "missing"),
+        (truncated, "corrupt"),
+        (tmp_path, "corrupt"),
+    ):
+        with pytest.raises(ImageError) as err:
+            decode_rgb(path)
+        assert err.value.problem == problem and err.value.path == str(path)
+
+
+def test_decode_rgb_leaves_decompression_bombs_to_pillow(tmp_path, monkeypatch):
+    path = jpeg_file(tmp_path / "big.jpg", 64, 48)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 64 * 48 // 3)  # more than twice: Pillow refuses
+    with pytest.raises(ImageError) as err:
+        decode_rgb(path)
+    assert err.value.problem == "corrupt"

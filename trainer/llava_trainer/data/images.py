@@ -22,6 +22,13 @@ from typing import Any
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+try:  # libjpeg-turbo straight into a numpy array; optional: without it PIL decodes (same pixels)
+    import simplejpeg
+except ImportError:  # pragma: no cover - exercised by monkeypatching in tests
+    simplejpeg = None
+
+JPEG_SOI = b"\xff\xd8\xff"
+
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
@@ -48,6 +55,32 @@ def load_image(path: str | Path) -> Image.Image:
         raise ImageError(path, "missing") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
         raise ImageError(path, "corrupt", str(err)) from None
+
+
+def decode_rgb(path: str | Path) -> np.ndarray:
+    """HxWx3 uint8 RGB pixels of an image file: exactly `np.asarray(load_image(path))`, faster.
+
+    Baseline/progressive JPEGs in YCbCr or grayscale (all but a few LLaVA images) are decoded by
+    libjpeg-turbo through `simplejpeg`, straight into a numpy array: the same library and settings
+    (accurate integer IDCT, fancy upsampling) as Pillow's decoder, so the same pixels (tested), minus
+    Pillow's RGBX image memory and the copy out of it (~40% of the decode time at 336 px). Anything
+    else (PNG, CMYK/YCCK or Adobe-RGB JPEG, a JPEG libjpeg warns about, a decompression bomb)
+    goes through `load_image`, which also names missing and corrupt files.
+    """
+    if simplejpeg is not None:
+        try:
+            with open(path, "rb") as file:
+                data = file.read()
+        except OSError:
+            data = b""  # load_image raises the right ImageError
+        if data.startswith(JPEG_SOI):
+            try:
+                height, width, colorspace, _ = simplejpeg.decode_jpeg_header(data)
+                if colorspace in ("YCbCr", "Gray") and height * width <= (Image.MAX_IMAGE_PIXELS or 1 << 62):
+                    return simplejpeg.decode_jpeg(data, colorspace="RGB", strict=True)
+            except ValueError:
+                pass  # truncated, corrupt or merely warned about: Pillow decides, as LLaVA's path does
+    return np.asarray(load_image(path))
 
 
 def check_image(path: str | Path, *, decode: bool = True) -> tuple[str | None, str | None]:
@@ -247,7 +280,8 @@ class ImagePipeline:
         except (AttributeError, KeyError, TypeError, ValueError):
             self.fast, self.table = None, None
 
-    def __call__(self, image: Image.Image) -> np.ndarray:
+    def __call__(self, image: Image.Image | np.ndarray) -> np.ndarray:
+        """[3, H, W] float32 pixel values of an RGB image (PIL, or HxWx3 uint8 as `decode_rgb` gives)."""
         if self.fast is not None:
             pixels: Image.Image | np.ndarray = image
             if self.aspect_ratio == "pad":
@@ -256,12 +290,14 @@ class ImagePipeline:
                 return self.fast(pixels, self.table, resize=self.resize)
             except ValueError:
                 pass  # an image smaller than the crop: HF pads it; let HF do it
+        if not isinstance(image, Image.Image):
+            image = Image.fromarray(image)
         if self.aspect_ratio == "pad":
             image = expand2square(image, self.background)
         return np.asarray(self.processor(image, return_tensors="np")["pixel_values"][0], dtype=np.float32)
 
     def load(self, path: str | Path) -> np.ndarray:
-        return self(load_image(path))
+        return self(decode_rgb(path))
 
 
 def hf_reference_pixels(processor: Any, image: Image.Image, aspect_ratio: str) -> np.ndarray:
