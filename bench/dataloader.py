@@ -267,23 +267,24 @@ class LazySupervisedBaseline:
 # --- measurement -------------------------------------------------------------------------------
 
 
-def best_rates(paths: dict, count: int, repeats: int) -> dict[str, float]:
-    """Samples per CPU-second of each path: the best of `repeats` passes, the paths interleaved.
+def timed_passes(paths: dict, count: int, repeats: int) -> dict[str, list[float]]:
+    """CPU seconds of each pass of each path over `count` samples, `repeats` passes, interleaved.
 
     CPU time of this (single-threaded) process, not wall time: the machine is shared, and
-    samples/s per core is exactly samples per CPU-second.
+    samples/s per core is exactly samples per CPU-second. Interleaving puts pass r of every path
+    under the same background load, so per-pass ratios can be compared.
     """
     for get in paths.values():
         for i in range(min(8, count)):
             get(i)
-    best = dict.fromkeys(paths, float("inf"))
+    seconds: dict[str, list[float]] = {name: [] for name in paths}
     for _ in range(repeats):
         for name, get in paths.items():
             start = time.process_time()
             for i in range(count):
                 get(i)
-            best[name] = min(best[name], time.process_time() - start)
-    return {name: count / seconds for name, seconds in best.items()}
+            seconds[name].append(time.process_time() - start)
+    return seconds
 
 
 def expand(ids: list[int], labels: list[int], image_id: int, count: int) -> tuple[list[int], list[int]]:
@@ -311,7 +312,7 @@ def run(args: argparse.Namespace) -> tuple[list[dict], dict]:
     slow = slow_llama_tokenizer(root / "vicuna" / "tokenizer.model")
     slow.add_tokens(["<image>"], special_tokens=True)  # LLaVA splits on it before tokenizing anyway
     rows = []
-    for kind in KINDS:
+    for kind in args.kinds:
         template, aspect = ("plain", "square") if kind == "pretrain" else ("vicuna_v1", "pad")
         data_path = root / f"{kind}.json"
         baseline = LazySupervisedBaseline(data_path, root / "images", processor, slow, template)
@@ -349,17 +350,20 @@ def run(args: argparse.Namespace) -> tuple[list[dict], dict]:
                 worst = max(worst, float(levels.max()))
         tokens = np.mean([len(ours[i].input_ids) for i in range(args.samples)])
         rounds = np.mean([len(records[i]["conversations"]) / 2 for i in range(args.samples)])
-        rates = best_rates(
+        passes = timed_passes(
             {"base": baseline.__getitem__, "ours": ours.__getitem__}, args.samples, args.repeats
         )
-        base, fast = rates["base"], rates["ours"]
+        ratios = sorted(b / o for b, o in zip(passes["base"], passes["ours"], strict=True))
         rows.append(
             {
                 "kind": kind,
                 "template": template,
                 "aspect": aspect,
-                "baseline": base,
-                "llavarun": fast,
+                "baseline": args.samples / min(passes["base"]),
+                "llavarun": args.samples / min(passes["ours"]),
+                "ratio_median": float(np.median(ratios)),
+                "ratio_range": (ratios[0], ratios[-1]),
+                "passes": passes,
                 "tokens": tokens,
                 "rounds": rounds,
                 "llava_mismatches": llava_mismatches,
@@ -367,22 +371,39 @@ def run(args: argparse.Namespace) -> tuple[list[dict], dict]:
             }
         )
     weights = {row["kind"]: MIX665K[row["kind"]] for row in rows if row["kind"] in MIX665K}
+    if len(weights) == len(MIX665K):
+        rows.append(mix_row(rows, weights, args.samples))
+    for row in rows:
+        row["speedup"] = row["llavarun"] / row["baseline"]
+    return rows, info
+
+
+def mix_row(rows: list[dict], weights: dict[str, int], count: int) -> dict:
+    """The mix665k-weighted finetune: weighted mean time per sample, pass by pass."""
     total = sum(weights.values())
-    mix = {
+    parts = [r for r in rows if r["kind"] in weights]
+    passes = {
+        path: [
+            count * sum(weights[r["kind"]] * r["passes"][path][k] for r in parts) / total
+            for k in range(len(parts[0]["passes"][path]))
+        ]
+        for path in ("base", "ours")
+    }
+    ratios = sorted(b / o for b, o in zip(passes["base"], passes["ours"], strict=True))
+    return {
         "kind": "mix665k",
         "template": "vicuna_v1",
         "aspect": "pad",
         "llava_mismatches": "",
-        "max_level_diff": max(r["max_level_diff"] for r in rows),
-        "tokens": sum(r["tokens"] * weights[r["kind"]] for r in rows if r["kind"] in weights) / total,
-        "rounds": sum(r["rounds"] * weights[r["kind"]] for r in rows if r["kind"] in weights) / total,
+        "max_level_diff": max(r["max_level_diff"] for r in parts),
+        "tokens": sum(r["tokens"] * weights[r["kind"]] for r in parts) / total,
+        "rounds": sum(r["rounds"] * weights[r["kind"]] for r in parts) / total,
+        "baseline": total / sum(weights[r["kind"]] / r["baseline"] for r in parts),
+        "llavarun": total / sum(weights[r["kind"]] / r["llavarun"] for r in parts),
+        "ratio_median": float(np.median(ratios)),
+        "ratio_range": (ratios[0], ratios[-1]),
+        "passes": passes,
     }
-    for path in ("baseline", "llavarun"):  # weighted mean time per sample
-        mix[path] = total / sum(weights[r["kind"]] / r[path] for r in rows if r["kind"] in weights)
-    rows.append(mix)
-    for row in rows:
-        row["speedup"] = row["llavarun"] / row["baseline"]
-    return rows, info
 
 
 def cpu_model() -> str:
@@ -401,22 +422,34 @@ def main() -> int:
     parser.add_argument("--size", default="336", help="'336' (short side 336, mixed aspect) or WxH")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--kinds", default=",".join(KINDS), help=f"comma-separated subset of {','.join(KINDS)}"
+    )
+    parser.add_argument("--json", type=Path, help="also write the rows (with every pass's CPU seconds) here")
     args = parser.parse_args()
+    args.kinds = [k for k in KINDS if k in args.kinds.split(",")]
     rows, info = run(args)
     print(
         f"CPU: {cpu_model()}, {os.cpu_count()} cores; one process, one thread; images {args.size}; "
-        f"{args.samples} samples per kind, best of {args.repeats} (CPU time); "
+        f"{args.samples} samples per kind, {args.repeats} interleaved passes (CPU time): rates are the best "
+        f"pass, the speed-up the median [min-max] of the per-pass ratios; "
         f"tokenizer {info['tokens_per_word']:.2f} tokens/word\n"
     )
     print(
         "| samples (template, aspect) | rounds | tokens/sample | LLaVA path samples/s/core "
-        "| llavarun samples/s/core | speed-up | max pixel diff (8-bit levels) |"
+        "| llavarun samples/s/core | speed-up [range] | max pixel diff (8-bit levels) |"
     )
     print("|---|---|---|---|---|---|---|")
     for row in rows:
+        low, high = row["ratio_range"]
         print(
             f"| {row['kind']} ({row['template']}, {row['aspect']}) | {row['rounds']:.1f} | {row['tokens']:.0f} "
-            f"| {row['baseline']:.1f} | {row['llavarun']:.1f} | {row['speedup']:.2f}x | {row['max_level_diff']} |"
+            f"| {row['baseline']:.1f} | {row['llavarun']:.1f} | {row['ratio_median']:.2f}x [{low:.2f}-{high:.2f}] "
+            f"| {row['max_level_diff']} |"
+        )
+    if args.json:
+        args.json.write_text(
+            json.dumps({"info": info, "args": vars(args) | {"json": str(args.json)}, "rows": rows})
         )
     return 0
 
