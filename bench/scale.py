@@ -213,6 +213,11 @@ def run_benchmark(args: argparse.Namespace, cluster: Cluster, workdir: Path) -> 
     operator = OperatorProcess(
         operator_kubeconfig(cluster), workdir / "operator.log", resync_seconds=args.resync_seconds
     )
+    if args.operator_pythonpath:
+        env = operator.process.env or {}
+        env["PYTHONPATH"] = os.pathsep.join(
+            filter(None, [str(args.operator_pythonpath), env.get("PYTHONPATH")])
+        )
     operator.start()
     log(f"chart installed, operator pid {operator.pid} up in {time.monotonic() - t0:.1f}s")
     time.sleep(1)  # let the operator settle (initial lists) before measuring it
@@ -289,6 +294,7 @@ def run_benchmark(args: argparse.Namespace, cluster: Cluster, workdir: Path) -> 
         "stages": stages,
         "run_duration": args.run_duration,
         "resync_seconds": args.resync_seconds,
+        "operator_pythonpath": str(args.operator_pythonpath or ""),
         "apply_seconds": round(apply_seconds, 2),
         "wall_seconds_to_all_finished": round(finished, 1),
         "phases": dict(phases),
@@ -338,6 +344,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds for every run to finish")
     parser.add_argument("--json", type=Path, help="also write the summary here")
+    parser.add_argument(
+        "--operator-pythonpath",
+        type=Path,
+        help="run the operator with this directory first on PYTHONPATH (A/B a patched llava_operator copy)",
+    )
     parser.add_argument("--keep", action="store_true", help="keep the workdir (logs) even on success")
     parser.add_argument("--strict", action="store_true", help="exit 1 when a target is missed too")
     args = parser.parse_args(argv)
