@@ -73,16 +73,18 @@ def test_tiny_example_runs_all_four_stages_and_reports(data_dir_copy: Path):
 
 
 def test_failing_stage_is_retried_then_fails_naming_job_and_log(data_dir_copy: Path, tmp_path: Path):
-    run = tiny_run(tmp_path, stages=["pretrain"], retries=1, paths={"pretrainData": "missing.json"})
+    # prepare fails fast on a broken layout, so both attempts are cheap.
+    run = tiny_run(tmp_path, stages=["prepare", "pretrain"], retries=1, paths={"pretrainData": "missing.json"})
     result = llavarun_local(run, data_dir_copy)
     assert result.returncode == 1
     status = status_of(data_dir_copy)
     assert status["phase"] == "Failed"
-    assert status["stages"]["pretrain"]["attempts"] == 2
+    assert status["stages"]["prepare"]["attempts"] == 2
+    assert "pretrain" not in status["stages"], "a later stage never starts after a failure"
     failed = next(c for c in status["conditions"] if c["type"] == "Failed")
     assert failed["status"] == "True" and failed["reason"] == "RetriesExhausted"
-    assert "llava-tiny-pretrain-r1" in failed["message"]
-    log = data_dir_copy / "Output" / "logs" / "llava-tiny-pretrain-r1.log"
+    assert "llava-tiny-prepare-r1" in failed["message"]
+    log = data_dir_copy / "Output" / "logs" / "llava-tiny-prepare-r1.log"
     assert str(log) in failed["message"] and "missing.json" in log.read_text()
 
 
