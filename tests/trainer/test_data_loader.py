@@ -262,3 +262,32 @@ def test_the_index_fails_fast_on_known_bad_images(model_inputs, data_dir_copy, t
         model_inputs, data_dir_copy, output_dir=out / "checkpoints_finetune", bad_images="skip"
     )
     assert skipping.stats.skipped["bad_image"] >= 1
+
+
+@pytest.mark.parametrize("stage", ["pretrain", "finetune"])
+def test_prepare_index_tokens_give_the_same_batches_as_tokenizing(model_inputs, synth_dir, tmp_path, stage):
+    """With prepare's token table the loader does not tokenize; the batches are the same, also cut."""
+    from llava_trainer.prepare import prepare
+
+    out = tmp_path / "Output"
+    prepare(PrepareConfig(data_dir=synth_dir, output_dir=out / "prepare", stages=[stage], workers=1))
+    measured = measured_finetune(model_inputs, synth_dir)
+    for max_length in (2048, max(t.image_end for t in measured) + 8):
+        indexed = make_loader(
+            model_inputs, synth_dir, stage=stage, max_length=max_length, output_dir=out / "ckpt"
+        )
+        assert indexed.dataset.tokens is not None
+        scanned = make_loader(model_inputs, synth_dir, stage=stage, max_length=max_length)
+        assert scanned.dataset.tokens is None
+        scanned.sampler = indexed.sampler  # the same order (word-count lengths group differently)
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(
+                "llava_trainer.data.dataset.tokenize_record",
+                lambda *a, **k: pytest.fail("tokenized although the index has the tokens"),
+            )
+            from_index = list(indexed)
+        for a, b in zip(from_index, scanned, strict=True):
+            assert a.keys() == b.keys()
+            for key in a:
+                assert torch.equal(a[key], b[key]) if isinstance(a[key], torch.Tensor) else a[key] == b[key]
+        assert indexed.stats.as_dict() == scanned.stats.as_dict()

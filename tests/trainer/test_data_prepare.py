@@ -152,6 +152,7 @@ def test_malformed_records_are_counted_and_flagged(data_dir_copy, tmp_path):
     with np.load(tmp_path / "prepare" / "index-finetune.npz") as arrays:
         assert arrays["flags"][3] & FLAG_MALFORMED
         assert (arrays["flags"] & FLAG_MALFORMED).sum() == 1
+        assert arrays["token_start"][4] == arrays["token_start"][3]  # no tokens for it
 
 
 def test_worker_processes_build_the_same_index(synth_dir, prepared, tmp_path):
@@ -163,6 +164,10 @@ def test_worker_processes_build_the_same_index(synth_dir, prepared, tmp_path):
         ):
             for key in inline.files:
                 assert np.array_equal(parallel[key], inline[key]), key
+        tokens = f"index-{name}-tokens.npy"
+        assert np.array_equal(
+            np.load(tmp_path / "prepare" / tokens), np.load(prepared[0] / "prepare" / tokens)
+        )
 
 
 def test_results_reach_the_status_reporter(data_dir_copy, tmp_path, monkeypatch):
@@ -173,3 +178,67 @@ def test_results_reach_the_status_reporter(data_dir_copy, tmp_path, monkeypatch)
     written = json.loads(status.read_text())
     prepare_results = written["results"]["prepare"]
     assert prepare_results["samples"]["pretrain"] == 24 and prepare_results["missingImages"] == 0
+
+
+def test_index_tokens_are_the_tokenized_samples(synth_dir, prepared):
+    """The index's token table decodes to exactly what tokenizing the record gives, for any image
+    token id and count; it is memory-mapped and not copied into pickles (DataLoader workers)."""
+    import pickle
+
+    from llava_trainer.data.dataset import tokenize_record
+    from llava_trainer.tokenizer import load_tokenizer, tokenizer_fingerprint
+
+    out, _ = prepared
+    tokenizer = load_tokenizer(synth_dir / "LLaVA-Pretrain/checkpoints/vicuna-13b-v1.5")
+    for data_path, template in (
+        (synth_dir / FINETUNE_JSON, "vicuna_v1"),
+        (synth_dir / "LLaVA-Pretrain/blip_laion_cc_sbu_558k.json", "plain"),
+    ):
+        index, why = load_index(
+            out / "prepare" / "index.json",
+            data_path,
+            template=template,
+            tokenizer_fingerprint=tokenizer_fingerprint(tokenizer),
+        )
+        assert index is not None and index.tokens is not None, why
+        assert isinstance(index.tokens.codes, np.memmap) and index.tokens.codes.dtype == np.int16
+        assert len(pickle.dumps(index.tokens)) < 2000 + 8 * len(index)
+        for image_token_id, count in ((600, 16), (32000, 576), (7, 0)):
+            for i, record in enumerate(json.loads(data_path.read_text())):
+                _, expected = tokenize_record(
+                    record,
+                    template=template,
+                    tokenizer=tokenizer,
+                    image_token_id=image_token_id,
+                    num_image_tokens=count,
+                )
+                got = index.tokens.sample(i, image_token_id=image_token_id, num_image_tokens=count)
+                assert np.array_equal(got.input_ids, expected.input_ids)
+                assert np.array_equal(got.labels, expected.labels)
+                assert (got.num_images, got.image_end) == (expected.num_images, expected.image_end)
+
+
+@pytest.mark.parametrize("vocab_size", [32002, 128256])
+def test_token_codes_round_trip(vocab_size, tmp_path):
+    """Several images, masked and trained tokens, the largest id, a mismatch; int16 or int32 codes."""
+    from llava_trainer.data.index import IMAGE_SLOT_ID, TokenTable, encode_tokens, token_dtype
+    from llava_trainer.data.templates import IGNORE_INDEX, TokenizedSample
+
+    top = vocab_size - 1
+    ids = np.array([1, IMAGE_SLOT_ID, 5, IMAGE_SLOT_ID, 0, top, top, 9], dtype=np.int64)
+    trained = np.array([0, 0, 0, 0, 1, 1, 0, 1], dtype=bool)
+    samples = [
+        TokenizedSample(ids, np.where(trained, ids, IGNORE_INDEX), 2, 4),
+        TokenizedSample(ids[:1], ids[:1] * 0 + IGNORE_INDEX, 0, 0, mismatch=True),
+    ]
+    dtype = token_dtype(vocab_size)
+    assert dtype == (np.int16 if vocab_size < 32768 else np.int32)
+    codes = [encode_tokens(s, dtype) for s in samples]
+    np.save(tmp_path / "t.npy", np.concatenate(codes))
+    table = TokenTable(tmp_path / "t.npy", np.cumsum([0, *map(len, codes)]))
+    first = table.sample(0, image_token_id=77, num_image_tokens=3)
+    assert first.input_ids.tolist() == [1, 77, 77, 77, 5, 77, 77, 77, 0, top, top, 9]
+    assert first.labels.tolist() == [IGNORE_INDEX] * 8 + [0, top, IGNORE_INDEX, 9]
+    assert (first.num_images, first.image_end) == (2, 8)
+    second = table.sample(1, image_token_id=77, num_image_tokens=3, mismatch=True)
+    assert second.input_ids.tolist() == [1] and second.labels.tolist() == [IGNORE_INDEX] and second.mismatch

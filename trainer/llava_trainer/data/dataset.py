@@ -7,6 +7,7 @@ cannot be trained on (skip and count, or fail naming the file).
 
 from __future__ import annotations
 
+import os
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ import numpy as np
 
 from .formats import JsonRecords, MalformedRecord, parse_record
 from .images import ImageError, ImagePipeline
+from .index import TokenTable
 from .templates import SkipSample, TokenizedSample, fit_to_length, render, tokenize_prompt
 
 REPLACEMENT_TRIES = 16
@@ -59,24 +61,32 @@ def build_sample(
     max_length: int,
     image_folder: str | Path | None = None,
     images: ImagePipeline | None = None,
+    tokens: TokenizedSample | None = None,
 ) -> Sample:
     """Everything the model trains on for one record.
 
     Raises SkipSample (malformed record, image block beyond max_length) or ImageError (missing or
-    corrupt image, naming the file). Images are loaded only when `images` is given.
+    corrupt image, naming the file). Images are loaded only when `images` is given. `tokens`:
+    the record's untruncated tokens when known (prepare's index), else the record is tokenized.
     """
-    paths, tokens = tokenize_record(
-        record,
-        template=template,
-        tokenizer=tokenizer,
-        image_token_id=image_token_id,
-        num_image_tokens=num_image_tokens,
-    )
+    if tokens is None:
+        paths, tokens = tokenize_record(
+            record,
+            template=template,
+            tokenizer=tokenizer,
+            image_token_id=image_token_id,
+            num_image_tokens=num_image_tokens,
+        )
+    else:
+        try:
+            paths = parse_record(record).images
+        except MalformedRecord as err:
+            raise SkipSample("malformed", str(err)) from None
     tokens = fit_to_length(tokens, max_length)
     pixel_values = None
     if paths and images is not None:
-        folder = Path(image_folder) if image_folder is not None else Path()
-        loaded = [images.load(folder / p) for p in paths]
+        folder = os.fspath(image_folder) if image_folder is not None else ""
+        loaded = [images.load(os.path.join(folder, p)) for p in paths]
         pixel_values = loaded[0][None] if len(loaded) == 1 else np.stack(loaded)  # no copy for one image
     return Sample(
         id=str(record.get("id", "")),
@@ -106,6 +116,8 @@ class LlavaDataset:
         bad_images: str,
         is_image: np.ndarray,
         excluded: np.ndarray,
+        tokens: TokenTable | None = None,
+        mismatch: np.ndarray | None = None,
     ) -> None:
         self.records, self.template, self.tokenizer, self.images = records, template, tokenizer, images
         self.image_folder, self.image_token_id, self.num_image_tokens = (
@@ -115,13 +127,25 @@ class LlavaDataset:
         )
         self.max_length, self.bad_images = max_length, bad_images
         self.is_image, self.excluded = np.asarray(is_image, dtype=bool), np.asarray(excluded, dtype=bool)
+        self.tokens = tokens
+        """prepare's token table: samples are not tokenized again (`mismatch`: their mismatch flags)."""
+        self.mismatch = np.zeros(len(records), bool) if mismatch is None else np.asarray(mismatch, bool)
 
     def __len__(self) -> int:
         return len(self.records)
 
     def __getitem__(self, index: int) -> Sample:
+        tokens = None
+        if self.tokens is not None:
+            tokens = self.tokens.sample(
+                index,
+                image_token_id=self.image_token_id,
+                num_image_tokens=self.num_image_tokens,
+                mismatch=bool(self.mismatch[index]),
+            )
         return build_sample(
             self.records[index],
+            tokens=tokens,
             template=self.template,
             tokenizer=self.tokenizer,
             image_token_id=self.image_token_id,

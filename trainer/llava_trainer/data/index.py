@@ -4,6 +4,12 @@
 prepare's report; each dataset's per-sample arrays live beside it in `index-<name>.npz` (a few
 bytes per sample: 665K samples ≈ 15 MB). Lengths are stored without image tokens, so one index
 serves any vision tower: length = text_tokens + num_images * num_image_tokens.
+
+A measured index also keeps every sample's tokens (`index-<name>-tokens.npy`, memory-mapped by the
+loader, so DataLoader workers share one page-cached copy): the loader then never tokenizes. One
+code per text token plus one per image: the id where the token is trained, `~id` where it is
+masked, and the dtype's minimum where an image block goes (expanded to the vision tower's count
+at load time). int16 for vocabularies up to 32767 ids (LLaMA/Vicuna + `<image>`, `<pad>`), else int32.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from .formats import SOURCES, MalformedRecord, iter_json_array, parse_record, record_source
+from .templates import IGNORE_INDEX, TokenizedSample
 
 INDEX_VERSION = 1
 
@@ -45,6 +52,8 @@ class DatasetIndex:
     flags: np.ndarray
     source: np.ndarray
     measured: bool
+    tokens: TokenTable | None = None
+    """Every sample's tokens (measured indexes written by prepare), else None."""
 
     def __len__(self) -> int:
         return len(self.offset)
@@ -59,6 +68,82 @@ class DatasetIndex:
 
     def arrays(self) -> dict[str, np.ndarray]:
         return {name: getattr(self, name) for name in ARRAYS}
+
+
+IMAGE_SLOT_ID = -1
+"""The image token id prepare tokenizes with (one token per image): marks where image blocks go."""
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    return np.dtype(np.int16 if vocab_size <= np.iinfo(np.int16).max else np.int32)
+
+
+def encode_tokens(tokens: TokenizedSample, dtype: np.dtype) -> np.ndarray:
+    """Codes of a sample tokenized with image_token_id=IMAGE_SLOT_ID and one token per image."""
+    ids = tokens.input_ids
+    codes = np.where(tokens.labels == IGNORE_INDEX, ~ids, ids)
+    codes[ids == IMAGE_SLOT_ID] = np.iinfo(dtype).min
+    return codes.astype(dtype)
+
+
+class TokenTable:
+    """All samples' token codes (one flat array, memory-mapped) and where each sample's start.
+
+    Picklable and small: a DataLoader worker maps the file itself.
+    """
+
+    def __init__(self, path: Path, starts: np.ndarray, codes: np.ndarray | None = None) -> None:
+        self.path, self.starts = Path(path), np.asarray(starts, dtype=np.int64)
+        self._codes = codes
+        self._blocks: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
+
+    @property
+    def codes(self) -> np.ndarray:
+        if self._codes is None:
+            self._codes = np.load(self.path, mmap_mode="r")
+        return self._codes
+
+    def __len__(self) -> int:
+        return len(self.starts) - 1
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_codes": None, "_blocks": {}}
+
+    def sample(
+        self, index: int, *, image_token_id: int, num_image_tokens: int, mismatch: bool = False
+    ) -> TokenizedSample:
+        """What `tokenize_prompt` gives for this sample, image blocks expanded."""
+        codes = self.codes
+        slot = int(np.iinfo(codes.dtype).min)
+        start, end = int(self.starts[index]), int(self.starts[index + 1])
+        # A plain-ndarray view: slicing a memmap costs more than the rest of this method.
+        codes = np.asarray(codes[start:end].view(np.ndarray), dtype=np.int64)
+        masked = codes < 0
+        ids = np.where(masked, ~codes, codes)
+        labels = np.where(masked, IGNORE_INDEX, codes)
+        slots = np.flatnonzero(codes == slot)
+        if not len(slots):
+            return TokenizedSample(ids, labels, 0, 0, mismatch)
+        if len(slots) == 1:  # the usual case: splice one image block in
+            at = int(slots[0])
+            block_ids, block_labels = self._block(image_token_id, num_image_tokens)
+            ids = np.concatenate((ids[:at], block_ids, ids[at + 1 :]))
+            labels = np.concatenate((labels[:at], block_labels, labels[at + 1 :]))
+            return TokenizedSample(ids, labels, 1, at + num_image_tokens, mismatch)
+        repeats = np.where(codes == slot, num_image_tokens, 1)
+        ids, labels = np.repeat(ids, repeats), np.repeat(labels, repeats)
+        ids[np.repeat(codes == slot, repeats)] = image_token_id
+        image_end = int(slots[-1]) + len(slots) * num_image_tokens - (len(slots) - 1)
+        return TokenizedSample(ids, labels, len(slots), image_end, mismatch)
+
+    def _block(self, image_token_id: int, count: int) -> tuple[np.ndarray, np.ndarray]:
+        key = (image_token_id, count)
+        if key not in self._blocks:
+            self._blocks[key] = (
+                np.full(count, image_token_id, np.int64),
+                np.full(count, IGNORE_INDEX, np.int64),
+            )
+        return self._blocks[key]
 
 
 def empty_arrays(n: int) -> dict[str, np.ndarray]:
@@ -110,8 +195,15 @@ def write_index(
     entries = {}
     for name, (index, info) in datasets.items():
         arrays_file = f"index-{name}.npz"
-        _atomic_write(index_path.parent / arrays_file, lambda f, index=index: np.savez(f, **index.arrays()))
+        arrays = index.arrays()
         entries[name] = {**info, "arrays": arrays_file, "records": len(index), "measured": index.measured}
+        if index.tokens is not None:
+            tokens_file = f"index-{name}-tokens.npy"
+            codes = index.tokens.codes
+            _atomic_write(index_path.parent / tokens_file, lambda f, codes=codes: np.save(f, codes))
+            arrays["token_start"] = index.tokens.starts
+            entries[name]["tokens"] = tokens_file
+        _atomic_write(index_path.parent / arrays_file, lambda f, arrays=arrays: np.savez(f, **arrays))
     body = {"version": INDEX_VERSION, **meta, "datasets": entries}
     _atomic_write(index_path, lambda f: f.write(json.dumps(body, indent=2, sort_keys=False).encode()))
 
@@ -154,6 +246,10 @@ def load_index(
             index = DatasetIndex(
                 **{name: arrays[name] for name in ARRAYS}, measured=bool(entry.get("measured"))
             )
+            if entry.get("measured") and entry.get("tokens") and "token_start" in arrays:
+                index.tokens = TokenTable(index_path.parent / entry["tokens"], arrays["token_start"])
+        if index.tokens is not None and len(index.tokens.codes) != index.tokens.starts[-1]:
+            raise ValueError(f"{entry['tokens']} does not match {entry['arrays']}")
     except (OSError, KeyError, ValueError) as err:
         return None, f"unreadable index arrays: {err}"
     return index, "ok"

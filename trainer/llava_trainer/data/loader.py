@@ -31,7 +31,7 @@ from .collate import collate
 from .dataset import LlavaDataset
 from .formats import JsonRecords
 from .images import ImagePipeline
-from .index import FLAG_BAD_IMAGE, FLAG_MALFORMED, DatasetIndex, load_index, scan_dataset
+from .index import FLAG_BAD_IMAGE, FLAG_MALFORMED, FLAG_MISMATCH, DatasetIndex, load_index, scan_dataset
 from .sampler import MicroBatchSampler
 
 log = logging.getLogger(__name__)
@@ -246,6 +246,8 @@ def build_train_loader(
         bad_images=config.bad_images,
         is_image=is_image,
         excluded=excluded,
+        tokens=index.tokens,
+        mismatch=(index.flags & FLAG_MISMATCH) != 0,
     )
     accumulation = max(1, config.global_batch_size // (config.micro_batch_size * world_size))
     sampler = MicroBatchSampler(

@@ -26,8 +26,12 @@ from .index import (
     FLAG_MISMATCH,
     FLAG_MISSING_IMAGE,
     FLAG_NOT_JPG,
+    IMAGE_SLOT_ID,
     DatasetIndex,
+    TokenTable,
     empty_arrays,
+    encode_tokens,
+    token_dtype,
     word_count,
 )
 from .templates import SkipSample, render
@@ -94,6 +98,9 @@ def _process_chunk(task: tuple[str, str, str, str, np.ndarray, np.ndarray]) -> d
         "mismatches": 0,
     }
     tokenizer = _WORKER.get("tokenizer")
+    dtype = token_dtype(len(tokenizer)) if tokenizer is not None else None
+    codes: list[np.ndarray] = []
+    code_counts = np.zeros(len(records), dtype=np.int64)  # 0 for malformed records
     for i in range(len(records)):
         try:
             record = records[i]
@@ -101,14 +108,19 @@ def _process_chunk(task: tuple[str, str, str, str, np.ndarray, np.ndarray]) -> d
             arrays["source"][i] = SOURCES.index(record_source(conversation.images, stage))
             arrays["num_images"][i] = len(conversation.images)
             if tokenizer is not None:
-                # Zero-length image blocks: lengths are stored without image tokens.
+                # One slot per image: the codes keep where blocks go, lengths are stored without them.
                 _, tokens = tokenize_record(
-                    record, template=template, tokenizer=tokenizer, image_token_id=0, num_image_tokens=0
+                    record,
+                    template=template,
+                    tokenizer=tokenizer,
+                    image_token_id=IMAGE_SLOT_ID,
+                    num_image_tokens=1,
                 )
-                arrays["text_tokens"][i], arrays["image_end_text"][i] = (
-                    len(tokens.input_ids),
-                    tokens.image_end,
-                )
+                images = len(conversation.images)
+                arrays["text_tokens"][i] = len(tokens.input_ids) - images
+                arrays["image_end_text"][i] = tokens.image_end - images if images else 0
+                codes.append(encode_tokens(tokens, dtype))
+                code_counts[i] = len(codes[-1])
                 if tokens.mismatch:
                     arrays["flags"][i] |= FLAG_MISMATCH
                     result["mismatches"] += 1
@@ -128,6 +140,9 @@ def _process_chunk(task: tuple[str, str, str, str, np.ndarray, np.ndarray]) -> d
                 arrays["flags"][i] |= FLAG_NOT_JPG
                 result["not_jpg"].add(relative)
     result["arrays"] = arrays
+    if dtype is not None:  # malformed records have no codes
+        result["codes"] = np.concatenate(codes) if codes else np.zeros(0, dtype)
+        result["code_counts"] = code_counts
     return result
 
 
@@ -189,6 +204,12 @@ def survey_dataset(
         report.corrupt |= result["corrupt"]
         report.not_jpg |= result["not_jpg"]
         report.mismatches += result["mismatches"]
+    if measure:
+        counts = np.concatenate([r["code_counts"] for r in results]) if results else np.zeros(0, np.int64)
+        starts = np.concatenate([[0], np.cumsum(counts)])
+        dtype = token_dtype(len(_WORKER["tokenizer"]))
+        codes = np.concatenate([r["codes"] for r in results]) if results else np.zeros(0, dtype)
+        report.index.tokens = TokenTable(Path(), starts, codes.astype(dtype, copy=False))
     valid = (report.index.flags & FLAG_MALFORMED) == 0
     report.sources = Counter(SOURCES[s] for s in report.index.source[valid])
     return report
