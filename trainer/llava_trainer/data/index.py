@@ -18,6 +18,7 @@ import json
 import os
 import tempfile
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -103,21 +104,27 @@ class TokenTable:
             self._codes = np.load(self.path, mmap_mode="r")
         return self._codes
 
+    @cached_property
+    def _flat(self) -> tuple[np.ndarray, int]:
+        """(the codes as a plain ndarray view: slicing a memmap costs more than decoding, the image
+        slot code)."""
+        codes = self.codes
+        return codes.view(np.ndarray), int(np.iinfo(codes.dtype).min)
+
     def __len__(self) -> int:
         return len(self.starts) - 1
 
     def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_codes": None, "_blocks": {}}
+        state = {**self.__dict__, "_codes": None, "_blocks": {}}
+        state.pop("_flat", None)
+        return state
 
     def sample(
         self, index: int, *, image_token_id: int, num_image_tokens: int, mismatch: bool = False
     ) -> TokenizedSample:
         """What `tokenize_prompt` gives for this sample, image blocks expanded."""
-        codes = self.codes
-        slot = int(np.iinfo(codes.dtype).min)
-        start, end = int(self.starts[index]), int(self.starts[index + 1])
-        # A plain-ndarray view: slicing a memmap costs more than the rest of this method.
-        codes = np.asarray(codes[start:end].view(np.ndarray), dtype=np.int64)
+        flat, slot = self._flat
+        codes = flat[self.starts[index] : self.starts[index + 1]].astype(np.int64)
         masked = codes < 0
         ids = np.where(masked, ~codes, codes)
         labels = np.where(masked, IGNORE_INDEX, codes)
