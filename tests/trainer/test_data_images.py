@@ -18,9 +18,6 @@ from llava_trainer.data.images import (
     expand2square,
     hf_reference_pixels,
     load_image,
-    pad_to_square,
-    resize_crop_uint8,
-    resize_uint8,
 )
 from PIL import Image
 
@@ -226,47 +223,3 @@ def test_decode_rgb_leaves_decompression_bombs_to_pillow(tmp_path, monkeypatch):
     with pytest.raises(ImageError) as err:
         decode_rgb(path)
     assert err.value.problem == "corrupt"
-
-
-# --- resize_crop_uint8: torch's resize with less work, the same bytes --------------------------
-
-
-@pytest.mark.parametrize("mode", ["bicubic", "bilinear"])
-@pytest.mark.parametrize(
-    ("size", "out"),
-    [((640, 480), (448, 336)), ((448, 336), (448, 336)), ((597, 336), (336, 336)), ((500, 333), (56, 56))],
-)
-def test_resize_crop_is_the_full_resize_sliced(mode, size, out):
-    pixels = np.asarray(photo(*size))
-    resample = Image.Resampling.BICUBIC if mode == "bicubic" else Image.Resampling.BILINEAR
-    full = np.asarray(resize_uint8(pixels, out, resample, "torch"))
-    for columns in ((0, out[0]), ((out[0] - min(out)) // 2, (out[0] - min(out)) // 2 + min(out)), (3, 7)):
-        got = resize_crop_uint8(pixels, out, columns, mode)
-        assert np.array_equal(got, full[:, columns[0] : columns[1]])
-
-
-@pytest.mark.parametrize("size", [(640, 480), (597, 336), (448, 336), (337, 336), (640, 100)])
-@pytest.mark.parametrize("out", [336, 56])
-def test_resize_crop_of_implicit_padding_is_the_padded_canvas_resized(size, out):
-    """Landscape `pad`: the image rows are resized, the colour rows once, never the whole canvas."""
-    pixels = np.asarray(photo(*size))
-    colour = background_colour(CLIP_MEAN)
-    canvas = pad_to_square(pixels, colour)
-    full = np.asarray(resize_uint8(canvas, (out, out), Image.Resampling.BICUBIC, "torch"))
-    top = (size[0] - size[1]) // 2
-    got = resize_crop_uint8(
-        pixels, (out, out), (0, out), "bicubic", pad=(top, size[0] - size[1] - top, colour)
-    )
-    assert np.array_equal(got, full)
-
-
-@pytest.mark.parametrize("resize", ["torch", "pil"])
-@pytest.mark.parametrize("size", [(640, 480), (480, 640), (597, 336), (336, 336), (40, 30)])
-def test_pipeline_pad_without_a_canvas_is_the_canvas_path(resize, size):
-    processor = clip_processor(56)
-    image = photo(*size)
-    pipeline = ImagePipeline(processor, "pad", resize=resize)
-    expected = pipeline.fast(
-        pad_to_square(np.asarray(image), pipeline.background), pipeline.table, resize=resize
-    )
-    assert np.array_equal(pipeline(image), expected)

@@ -29,7 +29,6 @@ except ImportError:  # pragma: no cover - exercised by monkeypatching in tests
     simplejpeg = None
 
 JPEG_SOI = b"\xff\xd8\xff"
-TORCH_MODES = {Image.Resampling.BICUBIC: "bicubic", Image.Resampling.BILINEAR: "bilinear"}
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -137,17 +136,6 @@ def pad_to_square(pixels: np.ndarray, background: tuple[int, ...]) -> np.ndarray
     return canvas
 
 
-def pad_rows(pixels: np.ndarray, pad: tuple[int, int, tuple[int, ...]]) -> np.ndarray:
-    """`pixels` with `top` rows above and `bottom` rows below of a colour."""
-    top, bottom, colour = pad
-    height, width = pixels.shape[:2]
-    canvas = np.empty((top + height + bottom, width, 3), dtype=np.uint8)
-    canvas[:top] = colour
-    canvas[top : top + height] = pixels
-    canvas[top + height :] = colour
-    return canvas
-
-
 def resize_uint8(image: Image.Image | np.ndarray, size: tuple[int, int], resample: int, backend: str) -> Any:
     """Resize to (width, height): PIL, or torch's antialiased bicubic/bilinear on uint8 (same kernels).
 
@@ -156,60 +144,18 @@ def resize_uint8(image: Image.Image | np.ndarray, size: tuple[int, int], resampl
     """
     pixels = np.asarray(image)
     downscale = size[0] <= pixels.shape[1] and size[1] <= pixels.shape[0]
-    if backend == "torch" and downscale and resample in TORCH_MODES:
-        return _torch_resize(pixels, size[0], size[1], TORCH_MODES[resample])
+    if backend == "torch" and downscale and resample in (Image.Resampling.BICUBIC, Image.Resampling.BILINEAR):
+        import torch
+
+        if not pixels.flags.writeable:
+            pixels = pixels.copy()
+        tensor = torch.from_numpy(pixels).permute(2, 0, 1).unsqueeze(0)  # channels-last NCHW: the fast path
+        mode = "bicubic" if resample == Image.Resampling.BICUBIC else "bilinear"
+        out = torch.nn.functional.interpolate(tensor, size=(size[1], size[0]), mode=mode, antialias=True)
+        return out[0].permute(1, 2, 0).numpy()
     if not isinstance(image, Image.Image):
         image = Image.fromarray(image)
     return image.resize(size, resample=resample)
-
-
-def _torch_resize(pixels: np.ndarray, width: int, height: int, mode: str) -> np.ndarray:
-    import torch
-
-    if not pixels.flags.writeable:
-        pixels = pixels.copy()
-    tensor = torch.from_numpy(pixels).permute(2, 0, 1).unsqueeze(0)  # channels-last NCHW: the fast path
-    out = torch.nn.functional.interpolate(tensor, size=(height, width), mode=mode, antialias=True)
-    return out[0].permute(1, 2, 0).numpy()
-
-
-def resize_crop_uint8(
-    pixels: np.ndarray,
-    size: tuple[int, int],
-    columns: tuple[int, int],
-    mode: str,
-    pad: tuple[int, int, tuple[int, ...]] | None = None,
-) -> np.ndarray:
-    """torch's resize of `pixels` to (width, height), only output columns [a, b) kept: the same
-    uint8 values as resizing everything and slicing, for less work.
-
-    torch's antialiased uint8 resize is separable: a horizontal pass (rows independent) into a uint8
-    buffer, then a vertical pass (columns independent); a call whose width or height does not change
-    skips that pass. So the vertical pass runs only on the kept columns, and with `pad` = (top,
-    bottom, colour) (`pixels` is the middle of a canvas whose other rows are that colour, as
-    `pad_to_square` makes for a landscape image) the horizontal pass runs on the image rows and on
-    one row of the colour instead of on the whole canvas.
-    """
-    width, height = size
-    rows = pixels
-    if pixels.shape[1] != width:
-        rows = _torch_resize(pixels, width, pixels.shape[0], mode)
-    if pad is not None:
-        top, bottom, colour = pad
-        line = np.empty((1, pixels.shape[1], 3), dtype=np.uint8)
-        line[:] = colour
-        if pixels.shape[1] != width:
-            line = _torch_resize(line, width, 1, mode)
-        canvas = np.empty((top + rows.shape[0] + bottom, columns[1] - columns[0], 3), dtype=np.uint8)
-        canvas[:top] = line[:, columns[0] : columns[1]]
-        canvas[top : top + rows.shape[0]] = rows[:, columns[0] : columns[1]]
-        canvas[top + rows.shape[0] :] = line[:, columns[0] : columns[1]]
-        rows = canvas
-    else:
-        rows = rows[:, columns[0] : columns[1]]
-    if rows.shape[0] != height:
-        rows = _torch_resize(rows, rows.shape[1], height, mode)
-    return rows
 
 
 def _size_dict(value: Any) -> dict[str, int]:
@@ -279,41 +225,14 @@ class ClipPreprocess:
         return np.ascontiguousarray((scaled - mean) / std)
 
     def __call__(
-        self,
-        image: Image.Image | np.ndarray,
-        table: np.ndarray | None = None,
-        *,
-        resize: str = "pil",
-        pad: tuple[int, int, tuple[int, ...]] | None = None,
+        self, image: Image.Image | np.ndarray, table: np.ndarray | None = None, *, resize: str = "pil"
     ) -> np.ndarray:
-        """[3, H, W] float32 pixel values of an RGB image (PIL or HxWx3 uint8).
-
-        `pad` = (top, bottom, colour): the image is the middle of a canvas with that many rows of
-        the colour above and below it (`pad_to_square` of a landscape image, not materialised).
-        """
+        """[3, H, W] float32 pixel values of an RGB image (PIL or HxWx3 uint8)."""
         width, height = image.size if isinstance(image, Image.Image) else image.shape[1::-1]
-        if pad is not None:
-            height += pad[0] + pad[1]
-        if self.do_resize and (size := self.resized_size(width, height)) != (width, height):
-            crop_w = self.crop_size["width"] if self.do_center_crop else size[0]
-            if (
-                resize == "torch"
-                and size[0] <= width
-                and size[1] <= height
-                and self.resample in TORCH_MODES
-                and crop_w <= size[0]
-            ):
-                left = (size[0] - crop_w) // 2  # the crop's columns: the vertical pass needs no others
-                image = resize_crop_uint8(
-                    np.asarray(image), size, (left, left + crop_w), TORCH_MODES[self.resample], pad
-                )
-                pad, size = None, (crop_w, size[1])  # crop_w wide now: the crop keeps every column
-            else:
-                if pad is not None:
-                    image, pad = pad_rows(np.asarray(image), pad), None
+        if self.do_resize:
+            size = self.resized_size(width, height)
+            if size != (width, height):
                 image = resize_uint8(image, size, self.resample, resize)
-        if pad is not None:
-            image = pad_rows(np.asarray(image), pad)
         pixels = np.asarray(image)
         if self.do_center_crop:
             crop_h, crop_w = self.crop_size["height"], self.crop_size["width"]
@@ -373,17 +292,10 @@ class ImagePipeline:
         """[3, H, W] float32 pixel values of an RGB image (PIL, or HxWx3 uint8 as `decode_rgb` gives)."""
         if self.fast is not None:
             pixels: Image.Image | np.ndarray = image
-            pad = None
             if self.aspect_ratio == "pad":
-                pixels = np.asarray(image)
-                height, width = pixels.shape[:2]
-                if width > height:  # expand2square adds rows: left to the resize (same values)
-                    top = (width - height) // 2
-                    pad = (top, width - height - top, self.background)
-                else:
-                    pixels = pad_to_square(pixels, self.background)
+                pixels = pad_to_square(np.asarray(image), self.background)
             try:
-                return self.fast(pixels, self.table, resize=self.resize, pad=pad)
+                return self.fast(pixels, self.table, resize=self.resize)
             except ValueError:
                 pass  # an image smaller than the crop: HF pads it; let HF do it
         if not isinstance(image, Image.Image):
