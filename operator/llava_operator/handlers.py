@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import copy
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,9 +41,11 @@ class Context:
     """Operator-wide state shared through kopf's memo; none of it is the source of truth."""
 
     resync_seconds: float = 30.0
+    api_workers: int = 32
     backend: Backend = PYTORCHJOB
     kube: Kube | None = None
     locks: dict[tuple[str, str], asyncio.Lock] = field(default_factory=dict)
+    pending_child_events: set[tuple[str, str]] = field(default_factory=set)
     resync: asyncio.Task[None] | None = None
 
 
@@ -80,6 +83,10 @@ async def reconcile(ctx: Context, namespace: str, name: str, children: kopf.Inde
     assert ctx.kube is not None
     lock = ctx.locks.setdefault((namespace, name), asyncio.Lock())
     async with lock:
+        if trigger == "child":
+            # Child events that arrive from here on schedule a new reconcile; the ones before
+            # were coalesced into this one, whose snapshot (taken now) already includes them.
+            ctx.pending_child_events.discard((namespace, name))
         snapshot = [dict(c) for c in children.get((namespace, name), [])]
         metrics.RECONCILES.labels(trigger=trigger).inc()
         try:
@@ -104,8 +111,13 @@ async def run_changed(
 async def child_changed(
     namespace: str, labels: dict[str, str], memo: kopf.Memo, llavarun_children: kopf.Index, **_: Any
 ) -> None:
+    ctx: Context = memo.ctx
+    key = (namespace, labels[LABEL_RUN])
+    if key in ctx.pending_child_events:
+        return  # a reconcile of this run is already waiting and will see this event's state
+    ctx.pending_child_events.add(key)
     try:
-        await reconcile(memo.ctx, namespace, labels[LABEL_RUN], llavarun_children, "child")
+        await reconcile(ctx, namespace, labels[LABEL_RUN], llavarun_children, "child")
     except ApiError as err:  # kopf would log a traceback and drop it; the resync loop retries anyway
         log.warning("reconcile of %s/%s after a child event failed: %s", namespace, labels[LABEL_RUN], err)
 
@@ -143,6 +155,9 @@ async def startup(
 ) -> None:
     configure(settings)
     ctx: Context = memo.ctx
+    asyncio.get_running_loop().set_default_executor(
+        ThreadPoolExecutor(max_workers=ctx.api_workers, thread_name_prefix="llavarun-api")
+    )
     if ctx.kube is None:
         ctx.kube = await asyncio.to_thread(Kube.from_environment, ctx.backend)
     ctx.resync = asyncio.create_task(resync_forever(ctx, llavarun_runs, llavarun_children))

@@ -44,6 +44,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=30.0,
         help="Reconcile every unfinished run at least this often (safety net for missed events).",
     )
+    parser.add_argument(
+        "--api-workers",
+        type=int,
+        default=32,
+        help="Threads for Kubernetes API calls; reconciles of different runs proceed in parallel "
+        "(explicit because Python's default follows the node's cores, not the pod's CPU limit).",
+    )
     parser.add_argument("--log-format", choices=sorted(LOG_FORMATS), default="full")
     parser.add_argument("-v", "--verbose", action="store_true", help="Log kopf's handler activity too.")
     parser.add_argument("--debug", action="store_true", help="Log every API request kopf makes.")
@@ -70,6 +77,6 @@ def main(argv: list[str] | None = None) -> int:
         clusterwide=not args.namespace,
         namespaces=args.namespace,
         liveness_endpoint=liveness,
-        memo=kopf.Memo(ctx=Context(resync_seconds=args.resync_seconds)),
+        memo=kopf.Memo(ctx=Context(resync_seconds=args.resync_seconds, api_workers=args.api_workers)),
     )
     return 0

@@ -203,10 +203,23 @@ class _Planner:
         self.pods = pods
 
     def start(self, stage: Stage, attempt: int, rec: StageStatus | None) -> _Step:
-        """Create attempt `attempt` (and the per-run RBAC it runs under, idempotently)."""
+        """Create attempt `attempt`, with the per-run RBAC when the run's first job starts.
+
+        RBAC creates are the apiserver's most expensive requests (escalation checks run before
+        the 409), so later stages skip them; a retry re-issues them in case a crash lost one.
+        Order: ServiceAccount (a pod needs it at admission), job, then Role and RoleBinding
+        (the trainer needs them only at its first status write, and its reporter retries).
+        """
         spec = self.run.spec
         name = job_name(self.run.name, stage, attempt)
-        create = [*render_rbac(self.run), self.backend.render(self.run, stage, attempt)]
+        job = self.backend.render(self.run, stage, attempt)
+        if stage == spec.stages[0] or attempt > 0:
+            account, *grants = render_rbac(self.run)
+            if account["kind"] != "ServiceAccount":  # spec.serviceAccountName: nothing to create
+                account, grants = None, [account, *grants]
+            create = [*([account] if account else []), job, *grants]
+        else:
+            create = [job]
         phase = (
             StagePhase.SUSPENDED
             if spec.suspend

@@ -143,7 +143,7 @@ def test_new_run_creates_rbac_and_first_stage_owned_by_the_run() -> None:
     w = World(run_body())
     p = w.reconcile()
     kinds = [o["kind"] for o in p.create]
-    assert kinds == ["ServiceAccount", "Role", "RoleBinding", "PyTorchJob"]
+    assert kinds == ["ServiceAccount", "PyTorchJob", "Role", "RoleBinding"]
     for obj in p.create:
         (owner,) = obj["metadata"]["ownerReferences"]
         assert owner == {
@@ -154,7 +154,7 @@ def test_new_run_creates_rbac_and_first_stage_owned_by_the_run() -> None:
             "controller": True,
             "blockOwnerDeletion": True,
         }
-    assert p.create[-1]["metadata"]["name"] == "r1-prepare"
+    assert job_of(p)["metadata"]["name"] == "r1-prepare"
     assert w.status["phase"] == "Pending"
     assert w.status["stage"] == "prepare"
     assert w.status["currentJob"] == "r1-prepare"
@@ -269,10 +269,10 @@ def test_stage_durations_are_reported_once() -> None:
 def test_a_subset_of_stages_starts_with_its_first() -> None:
     w = World(run_body(stages=["pretrain", "evaluate"]))
     p = w.reconcile()
-    assert p.create[-1]["metadata"]["name"] == "r1-pretrain"
+    assert job_of(p)["metadata"]["name"] == "r1-pretrain"
     w.finish("r1-pretrain")
     p = w.reconcile()
-    assert p.create[-1]["metadata"]["name"] == "r1-evaluate"
+    assert job_of(p)["metadata"]["name"] == "r1-evaluate"
 
 
 def test_child_deleted_after_success_is_not_recreated() -> None:
@@ -555,8 +555,8 @@ def test_children_of_a_previous_run_with_the_same_name_are_ignored() -> None:
     w.finish("r1-prepare")
     w.run = run_body(uid="uid-2")  # deleted and re-created; the old job still awaits GC
     p = w.reconcile()
-    assert p.create[-1]["metadata"]["name"] == "r1-prepare"
-    assert p.create[-1]["metadata"]["ownerReferences"][0]["uid"] == "uid-2"
+    assert job_of(p)["metadata"]["name"] == "r1-prepare"
+    assert job_of(p)["metadata"]["ownerReferences"][0]["uid"] == "uid-2"
     assert w.status["stages"]["prepare"]["phase"] == "Pending"
 
 
@@ -640,3 +640,20 @@ def test_a_crash_anywhere_in_applying_a_plan_loses_and_duplicates_nothing(crash_
     strip = lambda s: {k: v for k, v in s.items() if k != "conditions"}  # noqa: E731
     assert strip(crashed.status) == strip(clean.status)
     assert crashed.status["phase"] == "Succeeded"
+
+
+def job_of(p):
+    """The one PyTorchJob a plan creates."""
+    (job,) = [o for o in p.create if o["kind"] == "PyTorchJob"]
+    return job
+
+
+def test_later_stages_create_only_their_job_and_retries_reissue_the_rbac() -> None:
+    """RBAC creates are the apiserver's costliest requests: once per run, again on a retry."""
+    w = World(run_body(stages=["prepare", "pretrain"], retries=1))
+    w.reconcile()
+    w.finish("r1-prepare")
+    assert [o["kind"] for o in w.reconcile().create] == ["PyTorchJob"]
+    w.finish("r1-pretrain", outcome="Failed")
+    kinds = [o["kind"] for o in w.reconcile().create]
+    assert kinds == ["ServiceAccount", "PyTorchJob", "Role", "RoleBinding"]
