@@ -24,7 +24,7 @@ import kopf
 from . import metrics
 from .api import GROUP, PLURAL, VERSION, Phase
 from .backend import PYTORCHJOB, Backend
-from .kube import ApiError, Kube, converge
+from .kube import Kube, converge
 from .naming import LABEL_RUN
 
 log = logging.getLogger("llavarun.operator")
@@ -118,7 +118,7 @@ async def child_changed(
     ctx.pending_child_events.add(key)
     try:
         await reconcile(ctx, namespace, labels[LABEL_RUN], llavarun_children, "child")
-    except ApiError as err:  # kopf would log a traceback and drop it; the resync loop retries anyway
+    except Exception as err:  # API or connection error (e.g. an apiserver restart): the resync retries
         log.warning("reconcile of %s/%s after a child event failed: %s", namespace, labels[LABEL_RUN], err)
 
 

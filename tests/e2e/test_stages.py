@@ -164,13 +164,6 @@ def test_exhausted_retries_fail_the_run_with_backoff_limit_exceeded(
     assert sorted(reasons) == ["StageFailed", "StageRetrying", "StageStarted"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the operator renders runPolicy.backoffLimit: 0, and training-operator v1.9.3 then deletes "
-    "every pod of the job (the failed one too) before it marks the job Failed, so no pod is left to "
-    "name; without backoffLimit it marks the job Failed first and cleanPodPolicy Running keeps the "
-    "failed pod (reported with this test as the reproduction)",
-)
 def test_failure_message_names_the_failed_pod_and_its_exit_code(
     kube: Kube, running_operator: OperatorProcess, cluster_namespace: str
 ) -> None:
