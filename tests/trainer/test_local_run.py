@@ -74,7 +74,9 @@ def test_tiny_example_runs_all_four_stages_and_reports(data_dir_copy: Path):
 
 def test_failing_stage_is_retried_then_fails_naming_job_and_log(data_dir_copy: Path, tmp_path: Path):
     # prepare fails fast on a broken layout, so both attempts are cheap.
-    run = tiny_run(tmp_path, stages=["prepare", "pretrain"], retries=1, paths={"pretrainData": "missing.json"})
+    run = tiny_run(
+        tmp_path, stages=["prepare", "pretrain"], retries=1, paths={"pretrainData": "missing.json"}
+    )
     result = llavarun_local(run, data_dir_copy)
     assert result.returncode == 1
     status = status_of(data_dir_copy)
