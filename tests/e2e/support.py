@@ -459,25 +459,31 @@ class Watcher:
         return self.list_fn(**kwargs)
 
     def _loop(self) -> None:
+        version: str | None = None  # None: (re)list first
         while not self._stop.is_set():
             try:
-                listed = json.loads(self._call(_preload_content=False).data)
-                for obj in listed["items"]:
-                    self._handle(obj)
+                if version is None:
+                    listed = json.loads(self._call(_preload_content=False).data)
+                    for obj in listed["items"]:
+                        self._handle(obj)
+                    version = listed["metadata"]["resourceVersion"]
+                # Short watches (so stop() is prompt) resumed from the last version seen: no re-list.
                 self._watch = watch.Watch()
                 stream = self._watch.stream(
-                    self._call,
-                    resource_version=listed["metadata"]["resourceVersion"],
-                    timeout_seconds=2,
+                    self._call, resource_version=version, timeout_seconds=2, allow_watch_bookmarks=True,
                     deserialize=False,
-                )
+                )  # fmt: skip
                 for event in stream:
+                    version = event["object"]["metadata"].get("resourceVersion") or version
                     if self._stop.is_set():
                         break
                     if event["type"] in ("ADDED", "MODIFIED"):
                         self._handle(event["object"])
             except Exception as err:  # an apiserver restart, 410 Gone: list again
+                if self._stop.is_set():
+                    break
                 self.errors.append(repr(err))
+                version = None
                 self._stop.wait(POLL)
 
     def _handle(self, obj: dict[str, Any]) -> None:
