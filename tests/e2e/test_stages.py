@@ -139,7 +139,7 @@ def test_failed_worker_is_retried_as_attempt_r1_and_the_run_succeeds(
     reasons = wait_events(kube, ns, run, "RunSucceeded")
     assert sorted(reasons) == ["RunSucceeded", "StageRetrying", "StageStarted", "StageSucceeded"]
     (retrying,) = kube.event_messages(ns, run, "StageRetrying")
-    assert f"job {first} failed" in retrying
+    assert f"job {first} failed" in retrying and f"pod {first}-worker-0: exit code 1" in retrying
 
 
 def test_exhausted_retries_fail_the_run_with_backoff_limit_exceeded(

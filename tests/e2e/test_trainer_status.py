@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 from llava_operator.api import LlavaRun, Stage
 from llava_operator.trainer_command import trainer_args
@@ -81,7 +82,17 @@ def trainer_kubeconfig(e2e_cluster: Cluster, namespace: str, kube: Kube, operato
     kube.create_run(tiny_pretrain(namespace, RUN))
     wait_job(kube, namespace, job_name(RUN, "pretrain"))
     token = e2e_cluster.create_token(namespace, f"{RUN}-trainer", expiration_seconds=600)
-    return e2e_cluster.kubeconfig_for_token(token, namespace=namespace)
+    kubeconfig = e2e_cluster.kubeconfig_for_token(token, namespace=namespace)
+    # The Role and RoleBinding follow the job; wait until the token may write (an empty patch).
+    with e2e_cluster.api_client(kubeconfig) as api:
+        custom = client.CustomObjectsApi(api)
+        wait_for(
+            lambda: custom.patch_namespaced_custom_object_status(GROUP, VERSION, namespace, PLURAL, RUN, {}),
+            timeout=30,
+            interval=0.2,
+            what=f"{RUN}-trainer allowed to patch its run's status",
+        )
+    return kubeconfig
 
 
 @pytest.fixture(scope="module")
@@ -146,8 +157,6 @@ def test_the_runs_token_cannot_patch_another_runs_status(
 ) -> None:
     kube.create_run(tiny_pretrain(namespace, "neighbour"))
     with e2e_cluster.api_client(trainer_kubeconfig) as api:
-        from kubernetes import client
-
         custom = client.CustomObjectsApi(api)
         custom.patch_namespaced_custom_object_status(GROUP, VERSION, namespace, PLURAL, RUN, {"status": {}})
         with pytest.raises(ApiException) as denied:
