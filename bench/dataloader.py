@@ -6,12 +6,17 @@ Both paths turn the same records into the same training inputs (checked here on 
   PIL decode → expand2square (finetune) → `CLIPImageProcessor.preprocess` → conversation template →
   the slow tokenizer (`use_fast=False`: transformers' Python SentencePiece tokenizer with the
   LLaMA non-legacy rules), once for the prompt and twice per round for the masks;
-- llavarun (`LlavaDataset`): the record read by offset, the same PIL decode/resize with one
-  lookup-table pass for rescale+normalise, the Rust tokenizer once per `<image>` chunk, masks
-  from token offsets.
+- llavarun (`LlavaDataset`): the record read by offset, the JPEG decoded by libjpeg-turbo into
+  numpy (`decode_rgb`: Pillow's pixels), torch's uint8 resize where one is needed, one multiply-add
+  for rescale+normalise; tokens from prepare's index ("indexed": the token table, as training
+  reads it after the prepare stage) or the Rust tokenizer once per `<image>` chunk with masks
+  from token offsets ("tokenizing", no index);
+- "decode": reading and decoding each image exactly, nothing else. Baseline time over it is the
+  ceiling for any loader that decodes every image as LLaVA does.
 
 Everything runs in one process with one thread and is timed in CPU seconds, so samples/s is per
-CPU core (and other work on a shared machine does not count). Images are JPEGs
+CPU core. The paths run in interleaved passes (pass r of each under the same background load):
+rates are the best pass, speed-ups the median [min-max] of the per-pass ratios. Images are JPEGs
 with the short side at 336 px (CLIP-L/336 preprocessing values); `--size 640x480` gives COCO-sized
 ones instead. The tokenizer is a 16K-piece LLaMA-style SentencePiece model trained here on
 Python's docstrings (English text), since no model hub is reachable. Finetune samples come in
@@ -19,7 +24,7 @@ mix665k's three shapes: LLaVA-Instruct conversations (1-4 rounds, long answers),
 (3-10 short question/answer rounds per image: VQAv2, GQA, OCR-VQA, ...) and text-only ShareGPT;
 the "mix665k" row weights them as the real file does (about 158K / 467K / 40K samples).
 
-    .venv/bin/python bench/dataloader.py [--samples 300] [--size 336] [--repeats 3]
+    .venv/bin/python bench/dataloader.py [--samples 300] [--size 336] [--repeats 7] [--kinds pretrain]
 """
 
 from __future__ import annotations
