@@ -168,17 +168,22 @@ class OperatorProcess:
                 return int(line.split()[1]) * 1024
         raise RuntimeError("no VmHWM in /proc/<pid>/status")
 
-    def errors(self) -> list[str]:
-        """ERROR/CRITICAL log records, minus kopf's own 'will retry' notes."""
+    def log_mark(self) -> int:
+        """The log's current length in lines, for `errors(since=...)`."""
+        return len(self.log.read_text(errors="replace").splitlines()) if self.log.exists() else 0
+
+    def errors(self, since: int = 0) -> list[str]:
+        """ERROR/CRITICAL log records after line `since`, minus handler failures kopf retries
+        ("will retry", "will try again": e.g. while kube-apiserver restarts)."""
         out = []
-        for line in self.log.read_text(errors="replace").splitlines():
+        for line in self.log.read_text(errors="replace").splitlines()[since:]:
             try:
                 rec = json.loads(line)
             except ValueError:
                 continue
-            if rec.get("severity", "").lower() in ("error", "critical") and "will retry" not in rec.get(
-                "message", ""
-            ):
+            message = str(rec.get("message", ""))
+            retried = "will retry" in message or "will try again" in message
+            if rec.get("severity", "").lower() in ("error", "critical") and not retried:
                 out.append(line)
         return out
 
