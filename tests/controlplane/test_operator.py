@@ -97,7 +97,7 @@ class OperatorProcess:
                 rec = json.loads(line)
             except ValueError:
                 continue
-            retried = "will retry" in rec.get("message", "")
+            retried = any(w in rec.get("message", "") for w in ("will retry", "will try again"))
             if rec.get("severity", "").lower() in ("error", "critical") and not retried:
                 out.append(line)
         return out
