@@ -28,10 +28,8 @@ def tiny_run(tmp_path: Path, **spec_changes) -> Path:
     return path
 
 
-def llavarun_local(
-    run: Path, data_dir: Path, **kwargs
-) -> subprocess.CompletedProcess[str] | subprocess.Popen[str]:
-    argv = [
+def local_argv(run: Path, data_dir: Path) -> list[str]:
+    return [
         sys.executable,
         "-m",
         "llava_operator.cli",
@@ -41,6 +39,12 @@ def llavarun_local(
         str(data_dir),
         "--plain",
     ]
+
+
+def llavarun_local(
+    run: Path, data_dir: Path, **kwargs
+) -> subprocess.CompletedProcess[str] | subprocess.Popen[str]:
+    argv = local_argv(run, data_dir)
     return subprocess.run(argv, capture_output=True, text=True, timeout=900, **kwargs)
 
 
@@ -96,16 +100,7 @@ def test_interrupted_run_resumes_where_it_stopped(data_dir_copy: Path, tmp_path:
     doc["spec"]["pretrain"].update(epochs=3, saveSteps=2)
     run = tmp_path / "run.yaml"
     run.write_text(yaml.safe_dump(doc))
-    argv = [
-        sys.executable,
-        "-m",
-        "llava_operator.cli",
-        "local",
-        str(run),
-        "--data-dir",
-        str(data_dir_copy),
-        "--plain",
-    ]
+    argv = local_argv(run, data_dir_copy)
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     checkpoints = data_dir_copy / "Output" / "checkpoints_pretrain" / "checkpoints"
     deadline = time.monotonic() + 600
