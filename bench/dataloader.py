@@ -45,6 +45,14 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run as a script: make `tests` importable
+    sys.path.insert(0, str(ROOT))
+
+from llava_trainer.data.templates import IGNORE_INDEX  # noqa: E402
+
+from tests.llava_reference import expand_images, llava_labels  # noqa: E402
+
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 DOC_MODULES = [
@@ -184,8 +192,6 @@ def _tokens_per_word(root: Path, sentences: list[str]) -> float:
 
 # --- the baseline: LLaVA's per-sample path ----------------------------------------------------
 
-IGNORE, IMAGE_SENTINEL = -100, -200
-
 
 def slow_llama_tokenizer(model_file: Path):
     """transformers 4.37's `LlamaTokenizer` (legacy=False) rebuilt on v5's Python SentencePiece
@@ -209,16 +215,6 @@ def slow_llama_tokenizer(model_file: Path):
     )
 
 
-def llava_tokenizer_image_token(slow, prompt: str) -> list[int]:
-    chunks = [slow(chunk).input_ids for chunk in prompt.split("<image>")]
-    ids = [chunks[0][0]]
-    for i, chunk in enumerate(chunks):
-        if i:
-            ids.append(IMAGE_SENTINEL)
-        ids += chunk[1:]
-    return ids
-
-
 def llava_preprocess(slow, conversations: list[dict], template: str) -> tuple[list[int], list[int]]:
     """`preprocess_multimodal` + `preprocess_plain` / `preprocess_v1`, including its mismatch rule
     (lengths that do not add up mask the whole sample)."""
@@ -226,25 +222,7 @@ def llava_preprocess(slow, conversations: list[dict], template: str) -> tuple[li
 
     turns = [(t["from"], t["value"]) for t in conversations]
     prompt = render(template, turns, sum("<image>" in v for _, v in turns)).text  # = conv.get_prompt()
-    ids = llava_tokenizer_image_token(slow, prompt)
-    target = list(ids)
-    if template == "plain":
-        target[:2] = [IGNORE, IGNORE]
-        return ids, target
-    cur = 1
-    target[0] = IGNORE
-    for round_text in prompt.split("</s>"):
-        if not round_text:
-            break
-        parts = round_text.split(" ASSISTANT: ")
-        round_len = len(llava_tokenizer_image_token(slow, round_text))
-        instruction_len = len(llava_tokenizer_image_token(slow, parts[0] + " ASSISTANT: ")) - 2
-        target[cur : cur + instruction_len] = [IGNORE] * instruction_len
-        cur += round_len
-    target[cur:] = [IGNORE] * (len(target) - cur)
-    if cur != len(ids):
-        target = [IGNORE] * len(ids)
-    return ids, target
+    return llava_labels(lambda chunk: slow(chunk).input_ids, template, prompt)
 
 
 class LazySupervisedBaseline:
@@ -292,14 +270,6 @@ def timed_passes(paths: dict, count: int, repeats: int) -> dict[str, list[float]
     return seconds
 
 
-def expand(ids: list[int], labels: list[int], image_id: int, count: int) -> tuple[list[int], list[int]]:
-    out_ids, out_labels = [], []
-    for token, label in zip(ids, labels, strict=True):
-        out_ids += [image_id] * count if token == IMAGE_SENTINEL else [token]
-        out_labels += [IGNORE] * count if token == IMAGE_SENTINEL else [label]
-    return out_ids, out_labels
-
-
 def run(args: argparse.Namespace) -> tuple[list[dict], dict]:
     import torch
     from llava_trainer.data.dataset import LlavaDataset
@@ -344,10 +314,10 @@ def run(args: argparse.Namespace) -> tuple[list[dict], dict]:
         llava_mismatches, worst = 0, 0.0
         for i in range(args.samples):  # same inputs, or the comparison means nothing
             (base_ids, base_labels), base_pixels = baseline[i]
-            expected_ids, expected_labels = expand(
+            expected_ids, expected_labels = expand_images(
                 base_ids, base_labels, ids.image_token_id, ids.num_image_tokens
             )
-            masked = all(label == IGNORE for label in expected_labels)
+            masked = all(label == IGNORE_INDEX for label in expected_labels)
             llava_mismatches += masked  # LLaVA's arithmetic gave up on this sample; ours did not
             for name, dataset in datasets.items():
                 sample = dataset[i]

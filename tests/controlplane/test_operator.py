@@ -10,14 +10,8 @@ earlier test started it, is paused for this module so it does not race us).
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
 import time
-import urllib.request
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -25,92 +19,24 @@ import yaml
 
 from tests.cluster import (
     CONTROLLER_MANAGER,
-    FULL,
     RUN_DURATION_ANNOTATION,
     TRAINING_OPERATOR,
     Cluster,
     wait_for,
 )
-from tests.cluster.processes import free_port
-from tests.helpers import ROOT
+from tests.e2e.support import (
+    OPERATOR_NAMESPACE,
+    OPERATOR_SERVICE_ACCOUNT,
+    OperatorProcess,
+    install_chart,
+    operator_running,
+    prepare_cluster,
+)
 
 pytestmark = pytest.mark.cluster
 
-CHART = ROOT / "charts" / "llavarun-operator"
-RELEASE = NAMESPACE = "llavarun-operator"
-SERVICE_ACCOUNT = "llavarun-operator"
-OPERATOR_USER = f"system:serviceaccount:{NAMESPACE}:{SERVICE_ACCOUNT}"
-CRD = "llavaruns.llavarun.io"
+OPERATOR_USER = f"system:serviceaccount:{OPERATOR_NAMESPACE}:{OPERATOR_SERVICE_ACCOUNT}"
 RESYNC = 2
-
-
-class OperatorProcess:
-    """`llavarun operator` as a child process with its own kubeconfig, log and ports."""
-
-    def __init__(self, kubeconfig: Path, log: Path) -> None:
-        self.kubeconfig = kubeconfig
-        self.log = log
-        self.liveness = free_port()
-        self.metrics = free_port()
-        self.popen: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        argv = [
-            str(Path(sys.executable).parent / "llavarun"), "operator", "--all-namespaces",
-            f"--liveness-port={self.liveness}", f"--metrics-port={self.metrics}", "--bind-address=127.0.0.1",
-            f"--resync-seconds={RESYNC}", "--log-format=json",
-        ]  # fmt: skip
-        env = {**os.environ, "KUBECONFIG": str(self.kubeconfig)}
-        with self.log.open("ab") as out:
-            self.popen = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env)
-        wait_for(self.healthy, timeout=60, what="operator /healthz")
-
-    def healthy(self) -> bool:
-        assert self.popen is not None
-        if self.popen.poll() is not None:
-            raise AssertionError(f"operator exited rc={self.popen.returncode}:\n{self.tail()}")
-        return self.get(self.liveness, "/healthz") is not None
-
-    def get(self, port: int, path: str) -> str | None:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=3) as resp:
-                return resp.read().decode()
-        except OSError:
-            return None
-
-    def stop(self, sig: int = signal.SIGTERM) -> None:
-        if self.popen and self.popen.poll() is None:
-            self.popen.send_signal(sig)
-            self.popen.wait(30)
-        self.popen = None
-
-    def tail(self, lines: int = 60) -> str:
-        return (
-            "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:]) if self.log.exists() else ""
-        )
-
-    def errors(self) -> list[str]:
-        """ERROR/CRITICAL log lines (JSON logs)."""
-        out = []
-        for line in self.log.read_text(errors="replace").splitlines():
-            try:
-                rec = json.loads(line)
-            except ValueError:
-                continue
-            retried = any(w in rec.get("message", "") for w in ("will retry", "will try again"))
-            if rec.get("severity", "").lower() in ("error", "critical") and not retried:
-                out.append(line)
-        return out
-
-
-def _adopt_existing_crd(cluster: Cluster) -> None:
-    """A CRD applied by an earlier test is handed over to the release instead of failing the install."""
-    if cluster.kubectl("get", "crd", CRD, check=False).returncode == 0:
-        cluster.kubectl("label", "crd", CRD, "app.kubernetes.io/managed-by=Helm", "--overwrite")
-        cluster.kubectl(
-            "annotate", "crd", CRD, f"meta.helm.sh/release-name={RELEASE}",
-            f"meta.helm.sh/release-namespace={NAMESPACE}", "--overwrite",
-        )  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -121,16 +47,8 @@ def installed(cluster: Cluster) -> Iterator[dict[str, Any]]:
     if paused:
         cluster.stop_component(TRAINING_OPERATOR)
     cluster.install_pytorchjob_crd()
-    _adopt_existing_crd(cluster)
     t0 = time.monotonic()
-    out = cluster.helm(
-        "upgrade", "--install", RELEASE, str(CHART), "--namespace", NAMESPACE, "--create-namespace",
-        "--set", "replicas=0", "--wait", "--timeout", "120s",
-    )  # fmt: skip
-    cluster.kubectl("wait", "--for=condition=Established", f"crd/{CRD}", "--timeout=60s")
-    wait_for(
-        lambda: cluster.kubectl("get", "llavaruns", "-A", check=False).returncode == 0, timeout=30, what="API"
-    )
+    out = install_chart(cluster)
     try:
         yield {"helm_output": out.stdout, "install_seconds": time.monotonic() - t0}
     finally:
@@ -145,17 +63,9 @@ def operator(
     tmp_path_factory: pytest.TempPathFactory,
     request: pytest.FixtureRequest,
 ) -> Iterator[OperatorProcess]:
-    token = cluster.create_token(NAMESPACE, SERVICE_ACCOUNT)
-    kubeconfig = cluster.kubeconfig_for_token(token)
-    proc = OperatorProcess(kubeconfig, tmp_path_factory.mktemp("operator") / "operator.log")
-    failed_before = request.session.testsfailed
-    proc.start()
-    try:
+    log = tmp_path_factory.mktemp("operator") / "operator.log"
+    with operator_running(cluster, log, request.session, resync_seconds=RESYNC) as proc:
         yield proc
-    finally:
-        proc.stop()
-        if request.session.testsfailed > failed_before:
-            print(f"\noperator log {proc.log}, last lines:\n{proc.tail(120)}")
 
 
 # --- helpers ---------------------------------------------------------------------------------------
@@ -478,7 +388,7 @@ def test_operator_killed_mid_stage_resumes_without_duplicates(
     wait_job(cluster, "crash-prepare", ns)
     set_job(cluster, "crash-prepare", ns, "Running")
     wait_status(cluster, "crash", ns, "running", phase="Running")
-    operator.stop(signal.SIGKILL)
+    operator.kill()
     t0 = time.monotonic()
     set_job(cluster, "crash-prepare", ns, "Succeeded")  # while the operator is down
     operator.start()
@@ -489,7 +399,7 @@ def test_operator_killed_mid_stage_resumes_without_duplicates(
     wait_for(
         lambda: events(cluster, "crash", ns).count("StageStarted") == 2, timeout=10, what="events posted"
     )
-    operator.stop(signal.SIGKILL)  # and once more right after it acted
+    operator.kill()  # and once more right after it acted
     operator.start()
     set_job(cluster, "crash-pretrain", ns, "Succeeded")
     wait_job(cluster, "crash-evaluate", ns)
@@ -600,7 +510,7 @@ def test_metrics_and_logs(cluster: Cluster, operator: OperatorProcess, cluster_n
     wait_status(cluster, "metered", ns, "done", phase="Succeeded")
 
     def scraped() -> str | None:
-        text = operator.get(operator.metrics, "/metrics")
+        text = operator.metrics()
         return text if text and 'llavarun_runs{phase="Succeeded"}' in text and "_count" in text else None
 
     text = wait_for(scraped, timeout=20, what="metrics")
@@ -618,10 +528,7 @@ def test_metrics_and_logs(cluster: Cluster, operator: OperatorProcess, cluster_n
 @pytest.fixture
 def training_operator(cluster: Cluster, installed: dict[str, Any]) -> Cluster:
     """scheduler + kwok GPU nodes + the training-operator, running (un-paused) for this test."""
-    cluster.ensure(*FULL)
-    if not cluster.procs[TRAINING_OPERATOR].alive():
-        cluster.restart(TRAINING_OPERATOR)
-    return cluster
+    return prepare_cluster(cluster)
 
 
 def test_stages_run_through_the_real_training_operator_and_kwok_pods(

@@ -8,7 +8,7 @@ import pytest
 
 from tests.cluster import Cluster
 
-from .support import Kube, OperatorProcess, install_chart, operator_kubeconfig, prepare_cluster
+from .support import Kube, OperatorProcess, install_chart, operator_running, prepare_cluster
 
 
 @pytest.fixture(scope="package")
@@ -36,17 +36,10 @@ def operator(
 ) -> Iterator[OperatorProcess]:
     """One `llavarun operator` process under the chart's ServiceAccount, shared by the scenarios
     (a scenario that kills it starts it again)."""
-    proc = OperatorProcess(
-        operator_kubeconfig(e2e_cluster), tmp_path_factory.mktemp("operator") / "operator.log"
-    )
-    failed_before = request.session.testsfailed
-    proc.start()
-    try:
+    with operator_running(
+        e2e_cluster, tmp_path_factory.mktemp("operator") / "operator.log", request.session
+    ) as proc:
         yield proc
-    finally:
-        proc.stop()
-        if request.session.testsfailed > failed_before:
-            print(f"\noperator log {proc.log}, last lines:\n{proc.tail(120)}")
 
 
 @pytest.fixture

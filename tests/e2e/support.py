@@ -1,4 +1,4 @@
-"""Shared helpers of the end-to-end tier (and of bench/scale.py).
+"""Shared helpers of the control-plane and end-to-end tiers (and of bench/scale.py).
 
 The chart is installed with helm (`replicas=0`: CRD + RBAC, no Deployment) and the operator runs
 as a local `llavarun operator` process authenticated with a TokenRequest token of the chart's
@@ -12,16 +12,17 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
 import sys
 import threading
 import time
 import urllib.request
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import suppress
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from functools import cached_property, partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kubernetes import client, watch
 from kubernetes.client import ApiClient
@@ -37,6 +38,9 @@ from tests.cluster import (
     wait_for,
 )
 from tests.cluster.processes import Process, free_port
+
+if TYPE_CHECKING:
+    import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "charts" / "llavarun-operator"
@@ -67,8 +71,10 @@ def prepare_cluster(cluster: Cluster) -> Cluster:
     return cluster
 
 
-def install_chart(cluster: Cluster) -> None:
-    """`helm upgrade --install` of our chart with replicas=0 (CRD + RBAC only); idempotent."""
+def install_chart(cluster: Cluster) -> subprocess.CompletedProcess[str]:
+    """`helm upgrade --install` of our chart with replicas=0 (CRD + RBAC only); idempotent.
+
+    Returns helm's answer (its output shows the chart's NOTES)."""
     if cluster.kubectl("get", "crd", CRD, check=False).returncode == 0:
         # A CRD applied by an earlier test (or release) is handed over to this release.
         cluster.kubectl("label", "crd", CRD, "app.kubernetes.io/managed-by=Helm", "--overwrite")
@@ -76,7 +82,7 @@ def install_chart(cluster: Cluster) -> None:
             "annotate", "crd", CRD, f"meta.helm.sh/release-name={RELEASE}",
             f"meta.helm.sh/release-namespace={OPERATOR_NAMESPACE}", "--overwrite",
         )  # fmt: skip
-    cluster.helm(
+    installed = cluster.helm(
         "upgrade", "--install", RELEASE, str(CHART), "--namespace", OPERATOR_NAMESPACE, "--create-namespace",
         "--set", "replicas=0", "--wait", "--timeout", "120s",
     )  # fmt: skip
@@ -87,6 +93,7 @@ def install_chart(cluster: Cluster) -> None:
         interval=POLL,
         what="the llavaruns API being served",
     )
+    return installed
 
 
 def operator_kubeconfig(cluster: Cluster, expiration_seconds: int = 3600) -> Path:
@@ -198,6 +205,23 @@ class OperatorProcess:
                 return resp.read().decode()
         except OSError:
             return None
+
+
+@contextmanager
+def operator_running(
+    cluster: Cluster, log: Path, session: pytest.Session, resync_seconds: float = 2.0
+) -> Iterator[OperatorProcess]:
+    """The operator under the chart's ServiceAccount for a fixture's lifetime; its log tail is
+    printed when tests failed meanwhile."""
+    proc = OperatorProcess(operator_kubeconfig(cluster), log, resync_seconds)
+    failed_before = session.testsfailed
+    proc.start()
+    try:
+        yield proc
+    finally:
+        proc.stop()
+        if session.testsfailed > failed_before:
+            print(f"\noperator log {proc.log}, last lines:\n{proc.tail(120)}")
 
 
 # --- LlavaRuns ------------------------------------------------------------------------------------

@@ -18,6 +18,8 @@ from llava_trainer.data.templates import (
 )
 from llava_trainer.tokenizer import SentencePieceReference, encode_chunks, image_token_count
 
+from tests.llava_reference import expand_images, llava_labels
+
 N_IMAGE = 5  # image tokens per image in these tests (576 for CLIP-L/336)
 
 MULTI_TURN = [
@@ -174,54 +176,6 @@ def test_image_token_count_of_clip_l_336():
 
 # --- LLaVA's own arithmetic as an oracle ------------------------------------------------------
 
-SENTINEL = -200
-
-
-def llava_tokenizer_image_token(reference, prompt):
-    """`llava.mm_utils.tokenizer_image_token`: chunks tokenized apart, one sentinel per image."""
-    chunks = [reference.encode(chunk) for chunk in prompt.split("<image>")]
-    ids = [chunks[0][0]]
-    for i, chunk in enumerate(chunks):
-        if i:
-            ids.append(SENTINEL)
-        ids += chunk[1:]
-    return ids
-
-
-def llava_labels(reference, template, prompt_text):
-    """`preprocess_plain` / `preprocess_v1` (single round) label arithmetic."""
-    ids = llava_tokenizer_image_token(reference, prompt_text)
-    target = list(ids)
-    if template == "plain":
-        prefix = len(llava_tokenizer_image_token(reference, "<image>"))
-        target[:prefix] = [IGNORE_INDEX] * prefix
-        return ids, target
-    cur = 1
-    target[0] = IGNORE_INDEX
-    for round_text in prompt_text.split("</s>"):
-        if not round_text:
-            break
-        parts = round_text.split(" ASSISTANT: ")
-        round_len = len(llava_tokenizer_image_token(reference, round_text))
-        instruction_len = len(llava_tokenizer_image_token(reference, parts[0] + " ASSISTANT: ")) - 2
-        target[cur : cur + instruction_len] = [IGNORE_INDEX] * instruction_len
-        cur += round_len
-    target[cur:] = [IGNORE_INDEX] * (len(target) - cur)
-    assert cur == len(ids), "LLaVA would report a tokenization mismatch here"
-    return ids, target
-
-
-def expand(ids, labels, image_id):
-    out_ids, out_labels = [], []
-    for token, label in zip(ids, labels, strict=True):
-        if token == SENTINEL:
-            out_ids += [image_id] * N_IMAGE
-            out_labels += [IGNORE_INDEX] * N_IMAGE
-        else:
-            out_ids.append(token)
-            out_labels.append(label)
-    return out_ids, out_labels
-
 
 @pytest.mark.parametrize(
     ("template", "turns"),
@@ -244,7 +198,10 @@ def test_masks_equal_llavas_length_arithmetic(tokenizer, tokenizer_dir, template
     reference = SentencePieceReference.from_tokenizer(tokenizer_dir / "tokenizer.model", tokenizer)
     image_id = tokenizer.convert_tokens_to_ids("<image>")
     prompt = render(template, turns, 1)
-    expected_ids, expected_labels = expand(*llava_labels(reference, template, prompt.text), image_id)
+    expected_ids, expected_labels = expand_images(
+        *llava_labels(reference.encode, template, prompt.text), image_id, N_IMAGE
+    )
+    assert set(expected_labels) != {IGNORE_INDEX}, "LLaVA would report a tokenization mismatch here"
     sample = tokenize_prompt(prompt, tokenizer, image_token_id=image_id, num_image_tokens=N_IMAGE)
     assert sample.input_ids.tolist() == expected_ids
     assert sample.labels.tolist() == expected_labels
