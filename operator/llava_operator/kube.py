@@ -1,8 +1,7 @@
 """The operator's few Kubernetes API calls, and applying a Plan with them.
 
-Plain REST over the `kubernetes` client's transport (auth, TLS, proxies from the kubeconfig or
-the in-cluster ServiceAccount), with JSON dicts in and out: the plan speaks dicts, and the typed
-models would drop fields they do not know (e.g. a PyTorchJob's).
+The calls are `apiserver.request` (plain REST, JSON dicts in and out: the plan speaks dicts);
+the run's status goes through `apiserver.patch_run_status`, the writer the trainer uses too.
 """
 
 from __future__ import annotations
@@ -17,39 +16,16 @@ from typing import Any
 
 from kubernetes import client, config
 
-from .api import API_VERSION, KIND, PLURAL
+from .api import API_VERSION, KIND
+from .api.status import timestamp
+from .apiserver import JSON, MERGE_PATCH, ApiError, collection_path, patch_run_status, request, run_path
 from .backend import Backend
-from .plan import Event, Plan, plan, timestamp
+from .plan import Event, Plan, plan
 
 log = logging.getLogger("llavarun.operator")
 
 _PLURALS = {"ServiceAccount": "serviceaccounts", "Role": "roles", "RoleBinding": "rolebindings"}
 REPORTING_COMPONENT = "llavarun-operator"
-TIMEOUT = 30
-
-
-class ApiError(Exception):
-    """A non-2xx answer from the apiserver."""
-
-    def __init__(self, status: int, method: str, path: str, body: str) -> None:
-        try:
-            message = json.loads(body).get("message", body)
-        except (ValueError, AttributeError):
-            message = body
-        super().__init__(f"{method} {path}: {status} {message}")
-        self.status = status
-        self.message = message
-
-    @property
-    def namespace_terminating(self) -> bool:
-        """Creation refused because the namespace is being (or was) deleted: its runs go with it."""
-        gone = self.status == 404 and str(self.message).startswith("namespaces ")
-        return gone or (self.status == 403 and "being terminated" in str(self.message))
-
-
-def _collection(api_version: str, plural: str, namespace: str) -> str:
-    prefix = "/api/v1" if api_version == "v1" else f"/apis/{api_version}"
-    return f"{prefix}/namespaces/{namespace}/{plural}"
 
 
 class Kube:
@@ -72,52 +48,28 @@ class Kube:
         path: str,
         body: Any = None,
         query: Mapping[str, str] | None = None,
-        content_type: str = "application/json",
+        content_type: str = JSON,
     ) -> Any:
-        headers = {"Accept": "application/json"}
-        if body is not None:
-            headers["Content-Type"] = content_type
-        args = self.api.param_serialize(
-            method=method,
-            resource_path=path,
-            query_params=dict(query or {}) or None,
-            header_params=headers,
-            body=body,
-            auth_settings=["BearerToken"],
-        )
-        response = self.api.call_api(*args, _request_timeout=TIMEOUT)
-        response.read()
-        text = (response.data or b"").decode()
-        if not 200 <= response.status <= 299:
-            raise ApiError(response.status, method, path, text)
-        return json.loads(text) if text else None
+        return request(self.api, method, path, body, query, content_type)
 
     # --- the run ---------------------------------------------------------------------------------
 
-    def run_path(self, namespace: str, name: str) -> str:
-        return f"{_collection(API_VERSION, PLURAL, namespace)}/{name}"
-
     def get_run(self, namespace: str, name: str) -> dict[str, Any] | None:
         try:
-            return self.request("GET", self.run_path(namespace, name))
+            return self.request("GET", run_path(namespace, name))
         except ApiError as err:
             if err.status == 404:
                 return None
             raise
 
     def patch_run_status(self, namespace: str, name: str, patch: Mapping[str, Any]) -> None:
-        self.request(
-            "PATCH",
-            f"{self.run_path(namespace, name)}/status",
-            {"status": patch},
-            content_type="application/merge-patch+json",
-        )
+        patch_run_status(self.api, namespace, name, patch)
 
     # --- children --------------------------------------------------------------------------------
 
     def child_path(self, namespace: str, name: str = "") -> str:
         b = self.backend
-        path = _collection(f"{b.group}/{b.version}", b.plural, namespace)
+        path = collection_path(f"{b.group}/{b.version}", b.plural, namespace)
         return f"{path}/{name}" if name else path
 
     def create(self, obj: Mapping[str, Any]) -> bool:
@@ -127,7 +79,7 @@ class Kube:
         if kind == self.backend.kind:
             path = self.child_path(namespace)
         else:
-            path = _collection(obj["apiVersion"], _PLURALS[kind], namespace)
+            path = collection_path(obj["apiVersion"], _PLURALS[kind], namespace)
         try:
             self.request("POST", path, obj)
         except ApiError as err:
@@ -138,9 +90,7 @@ class Kube:
 
     def patch_child(self, namespace: str, name: str, patch: Mapping[str, Any]) -> None:
         try:
-            self.request(
-                "PATCH", self.child_path(namespace, name), patch, content_type="application/merge-patch+json"
-            )
+            self.request("PATCH", self.child_path(namespace, name), patch, content_type=MERGE_PATCH)
         except ApiError as err:
             if err.status != 404:
                 raise
@@ -168,7 +118,7 @@ class Kube:
     def post_event(self, run: Mapping[str, Any], event: Event) -> None:
         """A core/v1 Event on the run (what `kubectl describe llavarun` shows); best effort."""
         meta = run["metadata"]
-        now = timestamp(datetime.now(UTC))
+        now = timestamp()
         body = {
             "apiVersion": "v1",
             "kind": "Event",

@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 import yaml
+from llava_operator.api.status import timestamp
 
 from tests.cluster import (
     CONTROLLER_MANAGER,
@@ -126,7 +127,7 @@ def wait_job(cluster: Cluster, name: str, namespace: str, timeout: float = 30) -
 
 def set_job(cluster: Cluster, name: str, namespace: str, outcome: str, **status_fields: Any) -> None:
     """Move a PyTorchJob the way the training-operator does: conditions through /status."""
-    now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    now = timestamp()
     conds = [{"type": "Created", "status": "True", "reason": "PyTorchJobCreated", "lastTransitionTime": now}]
     running = outcome == "Running"
     conds.append(

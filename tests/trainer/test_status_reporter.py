@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import logging
 import threading
+from datetime import datetime, timedelta, timezone
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 
 import pytest
-from llava_operator.api.status import LlavaRunStatus
+from llava_operator.api.status import LlavaRunStatus, timestamp
+from llava_operator.apiserver import ApiError
 from llava_trainer.status import FileSink, KubernetesSink, StatusReporter
 
 pytestmark = pytest.mark.trainer
@@ -147,14 +150,19 @@ def test_a_failing_sink_does_not_raise_and_retries_later() -> None:
     assert sink.patches[0]["progress"]["step"] == 2
 
 
+_PATCHED = (200, {"apiVersion": "llavarun.io/v1alpha1", "kind": "LlavaRun"})
+
+
 class _ApiServer(BaseHTTPRequestHandler):
     requests: list[tuple[str, str, str, dict]] = []
+    answer: tuple[int, dict] = _PATCHED
 
     def do_PATCH(self) -> None:
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         type(self).requests.append((self.command, self.path, self.headers["Content-Type"], body))
-        payload = json.dumps({"apiVersion": "llavarun.io/v1alpha1", "kind": "LlavaRun"}).encode()
-        self.send_response(200)
+        code, answer = type(self).answer
+        payload = json.dumps(answer).encode()
+        self.send_response(code)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(payload)))
         self.end_headers()
@@ -168,6 +176,7 @@ class _ApiServer(BaseHTTPRequestHandler):
 def fake_apiserver(tmp_path: Path):
     server = HTTPServer(("127.0.0.1", 0), _ApiServer)
     _ApiServer.requests = []
+    _ApiServer.answer = _PATCHED
     threading.Thread(target=server.serve_forever, daemon=True).start()
     kubeconfig = tmp_path / "kubeconfig"
     kubeconfig.write_text(
@@ -207,3 +216,36 @@ def test_kubeconfig_env_patches_the_status_subresource_of_this_run_only(fake_api
     assert body["status"]["progress"]["tokensPerSecond"] == 10.0
     assert body["status"]["progress"]["loss"] is None  # first write of the stage clears stale fields
     assert results == {"status": {"results": {"pretrain": {"steps": 2}}}}
+
+
+def test_a_refused_patch_is_the_operators_api_error_and_is_sent_again_later(
+    fake_apiserver: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    forbidden = (
+        'llavaruns.llavarun.io "demo" is forbidden: User "system:serviceaccount:team-a:x" cannot patch'
+    )
+    _ApiServer.answer = (403, {"kind": "Status", "status": "Failure", "message": forbidden, "code": 403})
+    sink = KubernetesSink.connect("demo", "team-a", str(fake_apiserver))
+    with pytest.raises(ApiError) as refused:
+        sink.write({"progress": {"step": 1}})
+    assert (refused.value.status, refused.value.message) == (403, forbidden)
+
+    reporter = StatusReporter([sink], clock=FakeClock())
+    with caplog.at_level(logging.WARNING, logger="llava_trainer.status"):
+        reporter.progress(step=2)
+    assert f"403 {forbidden}" in caplog.text
+    _ApiServer.answer = _PATCHED
+    reporter.flush()
+    assert _ApiServer.requests[-1][3]["status"]["progress"]["step"] == 2
+
+
+def test_times_are_written_as_the_operator_writes_them(tmp_path: Path) -> None:
+    two_hours_east = timezone(timedelta(hours=2))
+    assert timestamp(datetime(2024, 5, 6, 7, 8, 9, 999_999, tzinfo=two_hours_east)) == "2024-05-06T05:08:09Z"
+
+    path = tmp_path / "status.json"
+    before = timestamp()
+    StatusReporter([FileSink(path)]).progress(step=1)
+    written = json.loads(path.read_text())["progress"]["lastUpdate"]
+    assert before <= written <= timestamp()
+    assert timestamp(datetime.fromisoformat(written)) == written

@@ -26,13 +26,15 @@ import os
 import tempfile
 import time
 from collections.abc import Callable, Mapping
-from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Protocol, get_args
+from typing import TYPE_CHECKING, Any, Protocol, get_args
 
-from llava_operator.api.llavarun import GROUP, PLURAL, VERSION
-from llava_operator.api.status import Progress, Results
+from llava_operator.api.status import Progress, Results, timestamp
+from llava_operator.apiserver import patch_run_status
 from pydantic import BaseModel, ValidationError
+
+if TYPE_CHECKING:
+    from kubernetes.client import ApiClient
 
 log = logging.getLogger(__name__)
 
@@ -127,15 +129,13 @@ class FileSink:
 
 
 class KubernetesSink:
-    """Merge patches on the `status` subresource of one LlavaRun (RBAC allows only that one)."""
+    """Merge patches on the `status` subresource of one LlavaRun (RBAC allows only that one),
+    through the operator's own status writer (`llava_operator.apiserver.patch_run_status`)."""
 
     min_interval = MIN_PATCH_INTERVAL_S
 
-    def __init__(self, name: str, namespace: str, api_client: Any) -> None:
-        from kubernetes import client
-
-        self.name, self.namespace = name, namespace
-        self.api = client.CustomObjectsApi(api_client)
+    def __init__(self, name: str, namespace: str, api_client: ApiClient) -> None:
+        self.name, self.namespace, self.api = name, namespace, api_client
 
     @classmethod
     def connect(cls, name: str, namespace: str, kubeconfig: str | None = None) -> KubernetesSink:
@@ -151,16 +151,8 @@ class KubernetesSink:
         return cls(name, namespace, api_client)
 
     def write(self, status_patch: dict[str, Any]) -> None:
-        self.api.patch_namespaced_custom_object_status(
-            GROUP,
-            VERSION,
-            self.namespace,
-            PLURAL,
-            self.name,
-            {"status": status_patch},
-            _content_type="application/merge-patch+json",
-            _request_timeout=REQUEST_TIMEOUT_S,
-        )
+        """Raises `ApiError` when the apiserver refuses the patch."""
+        patch_run_status(self.api, self.namespace, self.name, status_patch, timeout=REQUEST_TIMEOUT_S)
 
     def __repr__(self) -> str:
         return f"KubernetesSink({self.namespace}/{self.name})"
@@ -223,7 +215,7 @@ class StatusReporter:
             return
         defaults = {"stage": self.stage, "attempt": self.attempt}
         fields = {**{k: v for k, v in defaults.items() if v is not None}, **fields}
-        fields["last_update"] = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        fields["last_update"] = timestamp()
         body = validated(Progress, fields, "progress")
         if not self._progress_started:
             # A stage's first write clears whatever the previous stage left in progress.

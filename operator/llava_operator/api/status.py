@@ -8,12 +8,22 @@ Every field is declared so the apiserver's structural pruning never drops a writ
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Literal
 
 from pydantic import Field
 
 from .base import ApiModel
+
+TIME_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
+"""Times in the status (conditions, stage start/completion, progress.lastUpdate): RFC 3339 in UTC
+to the second, the way Kubernetes writes `metav1.Time`."""
+
+
+def timestamp(when: datetime | None = None) -> str:
+    """`when` (default: now) as a status time; every status writer formats times through this."""
+    return (when or datetime.now(UTC)).astimezone(UTC).strftime(TIME_FORMAT)
 
 
 class Phase(StrEnum):
