@@ -2,12 +2,13 @@
 # Two images from one build context:
 #   docker build --target operator -t llavarun-operator .   (slim: the kopf operator, no torch)
 #   docker build --target trainer  -t llava-trainer .       (CUDA PyTorch + DeepSpeed: every stage)
-# Python dependencies are pinned in docker/requirements-*.txt (scripts/lock-image-requirements).
+# Python dependencies are pinned in docker/requirements-*.txt, exported from uv.lock (make lock).
 
 ARG PYTHON_BASE=python:3.11.11-slim-bookworm
-# Keep in step with TORCH_VERSION in scripts/lock-image-requirements. The devel flavour carries
-# nvcc, which DeepSpeed needs to compile its fused ops just in time on the GPU node.
-ARG TRAINER_BASE=pytorch/pytorch:2.9.1-cuda12.8-cudnn9-devel
+# The tag's torch version is the one in uv.lock (tests/unit/test_lock.py checks it), and its CUDA
+# that of the locked torch wheel. The devel flavour carries nvcc, which DeepSpeed needs to compile
+# its fused ops just in time on the GPU node.
+ARG TRAINER_BASE=pytorch/pytorch:2.15.0-cuda13.2-cudnn9-devel
 
 FROM ${PYTHON_BASE} AS wheel
 WORKDIR /src

@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: venv demo test test-unit lint crd cluster-build clean
+.PHONY: venv demo test test-unit lint lock crd cluster-build clean
 
 venv:
 	scripts/setup-env
@@ -25,6 +25,11 @@ test-unit: venv
 lint: venv
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
+
+# Re-resolve every Python dependency (uv.lock) and re-export the image requirement files from it.
+lock:
+	scripts/uv lock --upgrade
+	scripts/lock-image-requirements
 
 crd: venv
 	$(VENV)/bin/llavarun crd > crds/llavarun.yaml
