@@ -2,7 +2,7 @@
 
 HF `LlavaForConditionalGeneration` needs real ids in `input_ids` where image features go: the
 conversion script (`convert_llava_weights_to_hf.py`) adds `<image>` as a special token and a
-dedicated `<pad>`, so for Vicuna image_token_index = 32000 and pad = 32001 (llava-recipe.md §4.4).
+dedicated `<pad>`, so for Vicuna image_token_index = 32000 and pad = 32001.
 Tokenization is always the fast (Rust) tokenizer; `SentencePieceReference` re-implements the slow
 LLaMA path LLaVA trained with, so tests and `prepare` can prove both give identical ids.
 """

@@ -16,7 +16,8 @@ def collate(samples: Sequence[Sample], pad_token_id: int) -> dict[str, Any]:
 
     pixel_values holds every image of the batch in order of appearance (the order HF scatters
     image features into image-token positions) and is absent when the batch is text-only.
-    The counters are what throughput and MFU accounting need (DESIGN §6).
+    The counters are what throughput and MFU accounting need: real tokens (image tokens count
+    576 each at 336 px), padded tokens and images.
     """
     import torch
 

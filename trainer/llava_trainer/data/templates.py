@@ -1,4 +1,4 @@
-"""LLaVA-1.5 conversation templates and label masking (llava-recipe.md §2.2).
+"""LLaVA-1.5 conversation templates and label masking, as LLaVA-1.5 trains them.
 
 A template renders a conversation into one prompt string plus the character spans whose tokens
 are trained. Tokenization then follows LLaVA's `tokenizer_image_token` exactly (the prompt is split
