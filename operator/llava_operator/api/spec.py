@@ -34,6 +34,13 @@ TRAINING_STAGES: tuple[Stage, ...] = (Stage.PRETRAIN, Stage.FINETUNE)
 MAX_RUN_NAME_LENGTH = 39
 MAX_RETRIES = 10
 MAX_NODES = 512
+#: Seeds stay in numpy's classic 32-bit seed range; seed + batch index (evaluate) then stays far
+#: inside the 64-bit range torch.manual_seed accepts.
+MAX_SEED = 2**32 - 1
+#: Optimizer-step counts (maxSteps, saveSteps, loggingSteps): one step a second for three years.
+MAX_STEPS = 100_000_000
+#: Durations in seconds: ten years, so seconds x 1e9 stays inside Go's int64 time.Duration.
+MAX_DURATION_SECONDS = 10 * 365 * 24 * 3600
 DNS1035 = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"
 # Kubernetes resource.Quantity, as in the apimachinery OpenAPI schema.
 QUANTITY = r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGTPE]i)|[numkMGTPE]|([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$"
@@ -75,7 +82,7 @@ class Toleration(ApiModel):
     operator: Literal["Exists", "Equal"] | None = None
     value: str | None = Field(None, max_length=63)
     effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
-    toleration_seconds: int | None = None
+    toleration_seconds: int | None = Field(None, ge=0, le=MAX_DURATION_SECONDS)
 
 
 class EnvVar(ApiModel):
@@ -152,7 +159,7 @@ class StageResources(ApiModel):
     """Replaces spec.placement.nodeSelector for this stage."""
     tolerations: list[Toleration] | None = Field(None, max_length=32)
     """Replaces spec.placement.tolerations for this stage."""
-    active_deadline_seconds: int | None = Field(None, ge=1)
+    active_deadline_seconds: int | None = Field(None, ge=1, le=MAX_DURATION_SECONDS)
     """Kills the stage's PyTorchJob after this many seconds (counts as a failed attempt)."""
 
     @property
@@ -167,7 +174,7 @@ class PrepareResources(ApiModel):
     memory: Quantity = "16Gi"
     node_selector: dict[str, str] | None = None
     tolerations: list[Toleration] | None = Field(None, max_length=32)
-    active_deadline_seconds: int | None = Field(None, ge=1)
+    active_deadline_seconds: int | None = Field(None, ge=1, le=MAX_DURATION_SECONDS)
 
 
 _BATCH_RULE = {
@@ -188,7 +195,7 @@ class TrainingStage(ApiModel):
     micro_batch_size: int = Field(ge=1, le=4096)
     """Samples per process per forward pass; gradient accumulation makes up the rest."""
     epochs: int = Field(1, ge=1, le=100)
-    max_steps: int = Field(0, ge=0)
+    max_steps: int = Field(0, ge=0, le=MAX_STEPS)
     """Stop after this many optimizer steps (0: run all epochs). Benchmarks use it."""
     max_length: int = Field(2048, ge=64, le=32768)
     """Tokens per sample after the 576 image tokens are spliced in; longer samples are truncated."""
@@ -199,12 +206,13 @@ class TrainingStage(ApiModel):
     zero_stage: int = Field(ge=0, le=3)
     """DeepSpeed ZeRO stage."""
     gradient_checkpointing: bool = True
-    save_steps: int = Field(ge=1)
+    save_steps: int = Field(ge=1, le=MAX_STEPS)
     """Checkpoint every N optimizer steps (and at the end); a retried attempt resumes from the newest."""
     save_total_limit: int = Field(1, ge=1, le=100)
-    logging_steps: int = Field(1, ge=1)
+    logging_steps: int = Field(1, ge=1, le=MAX_STEPS)
     dataloader_workers: int = Field(4, ge=0, le=64)
-    seed: int = Field(42, ge=0)
+    seed: int = Field(42, ge=0, le=MAX_SEED)
+    """Seeds the new projector's initialisation and the data order."""
     image_aspect_ratio: Literal["square", "pad"]
     """square: CLIP resize + centre crop; pad: expand to square with the CLIP mean colour first."""
     group_by_modality_length: bool
@@ -232,7 +240,7 @@ class PretrainStage(TrainingStage):
     global_batch_size: int = Field(256, ge=1, le=65536)
     micro_batch_size: int = Field(32, ge=1, le=4096)
     zero_stage: int = Field(2, ge=0, le=3)
-    save_steps: int = Field(500, ge=1)
+    save_steps: int = Field(500, ge=1, le=MAX_STEPS)
     image_aspect_ratio: Literal["square", "pad"] = "square"
     group_by_modality_length: bool = False
     template: Literal["plain"] = "plain"
@@ -245,7 +253,7 @@ class FinetuneStage(TrainingStage):
     global_batch_size: int = Field(128, ge=1, le=65536)
     micro_batch_size: int = Field(16, ge=1, le=4096)
     zero_stage: int = Field(3, ge=0, le=3)
-    save_steps: int = Field(1000, ge=1)
+    save_steps: int = Field(1000, ge=1, le=MAX_STEPS)
     image_aspect_ratio: Literal["square", "pad"] = "pad"
     group_by_modality_length: bool = True
     template: Literal["vicuna_v1"] = "vicuna_v1"
@@ -288,7 +296,8 @@ class EvaluateStage(ApiModel):
     temperature: float = Field(1.0, gt=0, le=10)
     batch_size: int = Field(8, ge=1, le=1024)
     """Questions per process per generate call."""
-    seed: int = Field(42, ge=0)
+    seed: int = Field(42, ge=0, le=MAX_SEED)
+    """Seeds each batch's generation (seed + batch index) and the fallback answer of unparsable responses."""
     precision: Literal["bf16", "fp16", "fp32"] = "bf16"
     resources: StageResources = Field(default_factory=StageResources)
 
