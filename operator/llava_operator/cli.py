@@ -29,21 +29,13 @@ def _crd(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load_runs(path: str):
-    from .validate import load_run
-
-    docs = yamlio.load_documents(path)
-    if not docs:
-        raise ValueError(f"{path}: no YAML documents")
-    return [load_run(doc) for doc in docs]
-
-
 def _render(args: argparse.Namespace) -> int:
     from .api import Stage
     from .render import render_all
+    from .validate import load_runs
 
     out = []
-    for run in _load_runs(args.file):
+    for run in load_runs(yamlio.read_documents(args.file)):
         if args.stage and Stage(args.stage) not in run.spec.stages:
             raise ValueError(f"LlavaRun {run.name}: stage {args.stage!r} is not in spec.stages")
         out += render_all(run, [Stage(args.stage)] if args.stage else None)
@@ -52,19 +44,24 @@ def _render(args: argparse.Namespace) -> int:
 
 
 def _validate(args: argparse.Namespace) -> int:
-    from .validate import describe, problems
+    from .validate import check_documents, describe
 
     failed = 0
     for path in args.files:
-        for doc in yamlio.load_documents(path):
-            found = problems(doc)
+        try:
+            documents = yamlio.read_documents(path)
+        except yamlio.YamlInputError as err:  # the other files are still checked
+            failed += 1
+            print(err, file=sys.stderr)
+            continue
+        for document, found in zip(documents, check_documents(documents), strict=True):
             if found:
                 failed += 1
-                print(f"{path}: {describe(doc)} is invalid:", file=sys.stderr)
+                print(f"{document.where}: {describe(document.data)} is invalid:", file=sys.stderr)
                 for p in found:
                     print(f"  {p}", file=sys.stderr)
             else:
-                print(f"{path}: {describe(doc)} is valid")
+                print(f"{document.where}: {describe(document.data)} is valid")
     return 1 if failed else 0
 
 
@@ -90,20 +87,20 @@ DELEGATED = {"operator": "llava_operator.main", "local": "llava_operator.local.m
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Bad input (ValueError, including every YAML refusal) and unreadable files end as one
+    `llavarun COMMAND: ...` message on stderr and exit code 1, never a traceback."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in DELEGATED:
         # These commands own their flags entirely (argparse.REMAINDER refuses leading options).
-        command, rest = argv[0], argv[1:]
-        try:
-            return int(importlib.import_module(DELEGATED[command]).main(rest) or 0)
-        except (ValueError, OSError) as err:
-            print(f"llavarun {command}: {err}", file=sys.stderr)
-            return 1
-    args = build_parser().parse_args(argv)
+        command, module = argv[0], importlib.import_module(DELEGATED[argv[0]])
+        run = lambda: int(module.main(argv[1:]) or 0)  # noqa: E731
+    else:
+        args = build_parser().parse_args(argv)
+        command, run = args.command, lambda: args.func(args)
     try:
-        return args.func(args)
+        return run()
     except (ValueError, OSError) as err:
-        print(f"llavarun {args.command}: {err}", file=sys.stderr)
+        print(f"llavarun {command}: {err}", file=sys.stderr)
         return 1
 
 

@@ -8,12 +8,14 @@ name the object, the field path, the offending value and what is allowed.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from pydantic import ValidationError
 
 from .api import KIND, LlavaRun
+from .yamlio import Document
 
 
 @dataclass(frozen=True)
@@ -73,9 +75,60 @@ def describe(document: Any) -> str:
     return "document"
 
 
+def name_clashes(documents: Sequence[Document]) -> dict[int, Problem]:
+    """By index, the documents that reuse an earlier document's kind, namespace and name:
+    kubectl would apply both to one object, so one of them would silently be lost."""
+    first: dict[tuple[Any, ...], Document] = {}
+    clashes = {}
+    for index, document in enumerate(documents):
+        data = document.data
+        metadata = data.get("metadata") if isinstance(data, dict) else None
+        if not isinstance(metadata, dict):
+            continue
+        key = (data.get("kind"), metadata.get("namespace"), metadata.get("name"))
+        if not isinstance(key[2], str) or not all(isinstance(part, str | None) for part in key):
+            continue
+        if key in first:
+            where = f" in namespace {key[1]}" if key[1] else ""
+            clashes[index] = Problem(
+                "metadata.name",
+                f"{key[2]!r}{where} is already used by the document at line {first[key].line}; "
+                "names must be unique (kubectl would apply both to the same object)",
+            )
+        else:
+            first[key] = document
+    return clashes
+
+
+def check_documents(documents: Sequence[Document]) -> list[list[Problem]]:
+    """Per document of one file: its own problems, then a clash with an earlier document's name."""
+    clashes = name_clashes(documents)
+    return [problems(d.data) + ([clashes[i]] if i in clashes else []) for i, d in enumerate(documents)]
+
+
+def _report(document: Any, found: Sequence[Problem]) -> str:
+    return f"{describe(document)} is invalid:\n" + "\n".join(f"  {p}" for p in found)
+
+
+def _parse(document: dict[str, Any]) -> LlavaRun:
+    return LlavaRun.model_validate_json(json.dumps(document), strict=True)
+
+
 def load_run(document: dict[str, Any]) -> LlavaRun:
     """Parse a LlavaRun or raise ValueError with every problem, one per line."""
     found = problems(document)
     if found:
-        raise ValueError(f"{describe(document)} is invalid:\n" + "\n".join(f"  {p}" for p in found))
-    return LlavaRun.model_validate_json(json.dumps(document), strict=True)
+        raise ValueError(_report(document, found))
+    return _parse(document)
+
+
+def load_runs(documents: Sequence[Document]) -> list[LlavaRun]:
+    """Every document of one file as a LlavaRun, or ValueError with every problem of every document."""
+    reports = [
+        f"{d.where}: {_report(d.data, found)}"
+        for d, found in zip(documents, check_documents(documents), strict=True)
+        if found
+    ]
+    if reports:
+        raise ValueError("\n".join(reports))
+    return [_parse(d.data) for d in documents]
