@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import yaml
+from llava_operator import yamlio
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = sorted((ROOT / "examples").glob("llavarun-*.yaml"))
@@ -15,7 +15,9 @@ PYTORCHJOB_CRD = SHARED / "crds" / "kubeflow.org_pytorchjobs.yaml"
 
 
 def load_yaml(path: Path) -> Any:
-    return yaml.safe_load(path.read_text())
+    """The one document of a YAML file, read as `llavarun` reads user files."""
+    (document,) = yamlio.load_documents(path)
+    return document
 
 
 def expected_field(path: Path) -> str:

@@ -10,8 +10,8 @@ from functools import cache
 from typing import Any
 
 import jinja2
-import yaml
 
+from . import yamlio
 from .api import API_VERSION, KIND, LlavaRun, Stage
 from .api.spec import PrepareResources, StageResources, Toleration
 from .naming import (
@@ -52,7 +52,7 @@ def _environment() -> jinja2.Environment:
 
 def _render(template: str, **values: Any) -> list[dict[str, Any]]:
     text = _environment().get_template(template).render(**values)
-    return [doc for doc in yaml.safe_load_all(text) if doc]
+    return [doc.data for doc in yamlio.parse_documents(text, template) if doc.data]
 
 
 def owner_reference(run: LlavaRun) -> dict[str, Any] | None:
