@@ -126,3 +126,60 @@ def test_inspect_colours_trained_tokens_when_asked(synth_dir, capsys):
 def test_inspect_explains_a_bad_request(synth_dir, capsys):
     assert main(["inspect", "--data-dir", str(synth_dir), "--stage", "pretrain", "--index", "999"]) == 2
     assert "out of range" in capsys.readouterr().err
+
+
+def finetune_json(data_dir: Path) -> Path:
+    return data_dir / FINETUNE / "llava_v1_5_mix665k.json"
+
+
+BETWEEN_RECORDS = "\n  },\n  {"  # how synth (json.dumps indent=2) separates records
+
+
+def cut_between_records(text: str) -> str:
+    return text[: text.index(BETWEEN_RECORDS, len(text) // 2) + 4]
+
+
+def drop_a_comma(text: str) -> str:
+    at = text.index(BETWEEN_RECORDS, len(text) // 2)
+    return text[:at] + BETWEEN_RECORDS.replace(",", "") + text[at + len(BETWEEN_RECORDS) :]
+
+
+@pytest.mark.parametrize(
+    ("damage", "warning"),
+    [
+        (cut_between_records, "unexpected end of file"),  # a copy cut short
+        (lambda text: text[: len(text) // 2], "Unterminated string"),  # cut inside a record
+        (drop_a_comma, "expected ',' or ']'"),
+        (lambda text: text + "\n{}", "data after the end of the array"),
+    ],
+)
+def test_inspect_warns_when_the_file_it_reads_is_truncated_or_invalid(data_dir_copy, capsys, damage, warning):
+    """Record 0 still reads, but prepare and training would refuse the file: inspect says so."""
+    path = finetune_json(data_dir_copy)
+    path.write_text(damage(path.read_text()))
+    args = ["inspect", "--data-dir", str(data_dir_copy), "--stage", "finetune", "--index", "0", "--json"]
+    assert main(args) == 0
+    out, err = capsys.readouterr()
+    assert f"WARNING {path}: invalid JSON array at byte" in err and warning in err
+    assert warning in json.loads(out)["file_warning"]
+
+
+def test_inspect_reads_a_valid_file_without_warning(synth_dir, capsys):
+    args = ["inspect", "--data-dir", str(synth_dir), "--stage", "finetune", "--index", "2", "--json"]
+    assert main(args) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out)["file_warning"] is None and "WARNING" not in err
+
+
+def test_inspect_never_opens_an_image_outside_the_image_folder(data_dir_copy, capsys):
+    """The record's path is refused as training refuses it, although a real image lies there."""
+    path = finetune_json(data_dir_copy)
+    records = json.loads(path.read_text())
+    outside = data_dir_copy / "outside.jpg"
+    outside.write_bytes((data_dir_copy / FINETUNE / "data" / records[0]["image"]).read_bytes())
+    records[0]["image"] = "../../outside.jpg"
+    path.write_text(json.dumps(records))
+    assert main(["inspect", "--data-dir", str(data_dir_copy), "--stage", "finetune", "--index", "0"]) == 1
+    out = capsys.readouterr().out
+    assert "record 0 is not trained on (malformed)" in out
+    assert "image path '../../outside.jpg' leaves the image folder" in out

@@ -10,6 +10,7 @@ import pytest
 from llava_trainer.data.formats import (
     JsonRecords,
     MalformedRecord,
+    image_file,
     iter_json_array,
     mmmu_files,
     parse_options,
@@ -22,7 +23,7 @@ RECORDS = [
     {
         "id": "1",
         "image": "coco/train2017/000000000001.jpg",
-        "conversations": [{"from": "human", "value": "hi"}],
+        "conversations": [{"from": "human", "value": "<image>\nhi"}],
     },
     {"id": "2", "conversations": [{"from": "human", "value": "café ☕ 你好 — ünïcode"}]},
     {"id": "3", "nested": {"list": [1, 2, {"x": "]},["}]}, "conversations": []},
@@ -66,6 +67,7 @@ def test_empty_array(tmp_path, text):
         ('[{"id": 1} {"id": 2}]', "expected ',' or ']'"),
         ('[{"id": 1}, {"id": ]', "Expecting value"),
         ('[{"id": 1},]', "Expecting value"),
+        ('[{"id": 1}]\n{"id": 2}', "data after the end of the array"),
     ],
 )
 def test_bad_json_names_the_file_and_byte(tmp_path, text, message):
@@ -78,7 +80,7 @@ def test_bad_json_names_the_file_and_byte(tmp_path, text, message):
 def test_parse_record_accepts_the_llava_format():
     conversation = parse_record(RECORDS[0])
     assert conversation.images == ("coco/train2017/000000000001.jpg",)
-    assert conversation.turns == (("human", "hi"),)
+    assert conversation.turns == (("human", "<image>\nhi"),)
     assert parse_record(RECORDS[1]).images == ()
 
 
@@ -96,6 +98,67 @@ def test_parse_record_accepts_the_llava_format():
 def test_parse_record_rejects_what_is_not_a_conversation(record):
     with pytest.raises(MalformedRecord):
         parse_record(record)
+
+
+def llava_record(image, *human_turns: str) -> dict:
+    """A record with `image` and these human turns, each answered by the assistant."""
+    turns = [
+        t for text in human_turns for t in ({"from": "human", "value": text}, {"from": "gpt", "value": "ok"})
+    ]
+    return {"id": "r", "conversations": turns} | ({} if image is None else {"image": image})
+
+
+@pytest.mark.parametrize(
+    ("bad", "message"),
+    [
+        # Image paths that leave the image folder are never opened.
+        (
+            llava_record("../../../../etc/passwd", "<image>\nWhat?"),
+            "'../../../../etc/passwd' leaves the image folder",
+        ),
+        (llava_record("coco/../../x.jpg", "<image>\nWhat?"), "'coco/../../x.jpg' leaves the image folder"),
+        (llava_record("..", "<image>\nWhat?"), "'..' leaves the image folder"),
+        (llava_record("/etc/passwd", "<image>\nWhat?"), "'/etc/passwd' is absolute"),
+        (llava_record(["coco/1.jpg", "/etc/shadow"], "<image> <image>\nWhat?"), "'/etc/shadow' is absolute"),
+        (llava_record("coco/1.jpg\x00.png", "<image>\nWhat?"), "contains a NUL byte"),
+        # The <image> tags must say where each image goes, as LLaVA's preprocessing expects.
+        (llava_record("coco/1.jpg", "What is this?"), "the first human turn has no <image> tag"),
+        (
+            llava_record("coco/1.jpg", "What is this?", "<image>\nAnd now?"),
+            "the first human turn has no <image> tag",
+        ),
+        (llava_record("coco/1.jpg", "<image>\n<image>\nWhat?"), "2 <image> tags for 1 image(s)"),
+        (llava_record("coco/1.jpg", "<image>\nWhat?", "<image>\nAgain?"), "2 <image> tags for 1 image(s)"),
+        (llava_record(["coco/1.jpg", "coco/2.jpg"], "<image>\nWhat?"), "1 <image> tags for 2 image(s)"),
+        (llava_record(None, "<image>\nWhat?"), "1 <image> tag(s) in a text-only record"),
+    ],
+)
+def test_records_that_lie_about_their_images_are_malformed(bad, message):
+    with pytest.raises(MalformedRecord, match=re.escape(message)):
+        parse_record(bad)
+
+
+@pytest.mark.parametrize(
+    ("good", "images"),
+    [
+        (
+            llava_record("coco/train2017/1.jpg", "What is this?\n<image>", "And now?"),
+            ("coco/train2017/1.jpg",),
+        ),
+        (llava_record("vg/VG_100K/../VG_100K_2/1.jpg", "<image>\nWhat?"), ("vg/VG_100K/../VG_100K_2/1.jpg",)),
+        (llava_record(["a/1.jpg", "b/2.jpg"], "<image> <image>\nCompare."), ("a/1.jpg", "b/2.jpg")),
+        (llava_record(None, "No image here."), ()),
+    ],
+)
+def test_records_whose_images_are_where_they_say_are_accepted(good, images):
+    assert parse_record(good).images == images
+
+
+def test_image_files_resolve_inside_the_image_folder_only(tmp_path):
+    assert image_file(tmp_path, "coco/1.jpg") == tmp_path / "coco" / "1.jpg"
+    for outside in ("../secret.jpg", "/etc/passwd", "coco/../../secret.jpg"):
+        with pytest.raises(MalformedRecord, match="image path"):
+            image_file(tmp_path, outside)
 
 
 @pytest.mark.parametrize(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +21,9 @@ from llava_trainer.data.images import (
     load_image,
 )
 from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).parent))
+from image_fixtures import claims_size
 
 pytestmark = pytest.mark.trainer  # the training path resizes with torch
 
@@ -119,14 +123,35 @@ def test_a_truncated_jpeg_is_an_error_naming_the_file(tmp_path):
     with pytest.raises(ImageError, match=r"broken\.jpg") as err:
         load_image(path)
     assert err.value.problem == "corrupt"
-    assert check_image(path) == ("corrupt", None)
+    problem, fmt = check_image(path)
+    assert (problem.problem, problem.path, fmt) == ("corrupt", str(path), None)
+    assert problem.reason.startswith("corrupt: ")  # Pillow's words for what is wrong
 
 
 def test_check_image_reports_the_real_format(tmp_path):
     path = tmp_path / "really_a_png.jpg"
     noise(30, 30).save(path, "PNG")
     assert check_image(path) == (None, "PNG")
-    assert check_image(tmp_path / "nope.jpg") == ("missing", None)
+    missing, fmt = check_image(tmp_path / "nope.jpg")
+    assert (missing.problem, missing.reason, fmt) == ("missing", "missing", None)
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_an_image_above_the_pixel_bound_is_too_large_with_its_size(tmp_path, monkeypatch, fast):
+    """Prepare's check and training's decoders give the same reason, with the declared size."""
+    from llava_trainer.data import images
+
+    if not fast:
+        monkeypatch.setattr(images, "simplejpeg", None)
+    path = claims_size(tmp_path / "huge.jpg", 20000, 20000)
+    problem, fmt = check_image(path)
+    assert problem.problem == "too large" and problem.reason.startswith("too large: 20000x20000 ")
+    assert str(2 * Image.MAX_IMAGE_PIXELS) in problem.reason and fmt is None
+    for decoder in (load_image, decode_rgb):
+        with pytest.raises(ImageError) as err:
+            decoder(path)
+        assert err.value.problem == "too large" and err.value.reason == problem.reason
+        assert err.value.path == str(path) and "20000x20000" in str(err.value)
 
 
 def test_grayscale_and_palette_images_become_rgb(tmp_path):
@@ -222,4 +247,4 @@ def test_decode_rgb_leaves_decompression_bombs_to_pillow(tmp_path, monkeypatch):
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 64 * 48 // 3)  # more than twice: Pillow refuses
     with pytest.raises(ImageError) as err:
         decode_rgb(path)
-    assert err.value.problem == "corrupt"
+    assert err.value.problem == "too large" and err.value.reason.startswith("too large: 64x48 ")

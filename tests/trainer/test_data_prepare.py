@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from collections import Counter
 from pathlib import Path
 
@@ -106,8 +107,6 @@ def test_run_never_modifies_the_source_data_and_writes_results(data_dir_copy, ca
     ],
 )
 def test_a_broken_layout_fails_naming_the_missing_path(data_dir_copy, capsys, remove, named):
-    import shutil
-
     target = data_dir_copy / remove
     shutil.rmtree(target) if target.is_dir() else target.unlink()
     assert run(config(data_dir_copy)) == 2
@@ -117,8 +116,6 @@ def test_a_broken_layout_fails_naming_the_missing_path(data_dir_copy, capsys, re
 
 
 def test_only_the_run_stages_inputs_are_required(data_dir_copy, tmp_path):
-    import shutil
-
     shutil.rmtree(data_dir_copy / "LLaVA-Finetune")
     outcome = prepare(config(data_dir_copy, tmp_path, stages=["pretrain"]))
     assert outcome["results"]["samples"] == {"pretrain": 24}
@@ -138,7 +135,7 @@ def test_missing_corrupt_and_non_jpeg_images_are_listed(data_dir_copy, tmp_path)
         results["missing_images"] == 2 and results["corrupt_images"] == 1 and results["ocr_vqa_not_jpg"] == 1
     )
     assert f"coco/train2017/{missing.name}" in report["missing_images"]
-    assert report["corrupt_images"] == [f"gqa/images/{corrupt.name}"]
+    assert report["corrupt_images"][0].startswith(f"gqa/images/{corrupt.name}: corrupt: ")
     assert report["ocr_vqa_not_jpg"] == [f"ocr_vqa/images/{ocr.name}"]
 
 

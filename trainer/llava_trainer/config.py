@@ -1,6 +1,6 @@
 """Typed configuration of each `llava-trainer` subcommand, parsed from command-line flags.
 
-The flags are the contract with the operator (DESIGN §3): the PyTorchJob renderer writes them
+The flags are the contract with the operator: the PyTorchJob renderer writes them
 into the container args, this module parses them back. Flag names are the field names in
 kebab-case; every value is explicit (`--gradient-checkpointing true`), so a rendered command
 round-trips exactly. Importing this module must stay cheap: no torch.
@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import argparse
 import os
+from enum import Enum
 from pathlib import Path
+from types import UnionType
 from typing import Any, Literal, get_args, get_origin
 
 from llava_operator.api.mmmu import SUBJECTS
+from llava_operator.api.profiles import AcceleratorProfileName
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 OUTPUT_DIRS = {
@@ -28,6 +31,9 @@ INDEX_FILE = "index.json"
 PROJECTOR_FILE = "mm_projector.bin"
 EXPORT_DIR = "model"
 """The final Hugging Face model directory inside a training stage's output directory."""
+BadImages = Literal["error", "skip"]
+"""What a training stage does with a missing, corrupt or too large image: stop, or skip and count it."""
+BAD_IMAGES_DEFAULT: BadImages = "error"
 
 
 class StageConfig(BaseModel):
@@ -86,6 +92,10 @@ class PrepareConfig(ModelPaths):
     measure_lengths: bool = True
     workers: int = 0
     """Processes for image checks and tokenization (0: one per CPU core)."""
+    pretrain_bad_images: BadImages = BAD_IMAGES_DEFAULT
+    """The pretrain stage's bad_images: prepare fails when that stage would stop on this data."""
+    finetune_bad_images: BadImages = BAD_IMAGES_DEFAULT
+    """The finetune stage's bad_images (see pretrain_bad_images)."""
 
 
 class TrainConfig(ModelPaths):
@@ -112,9 +122,12 @@ class TrainConfig(ModelPaths):
     dataloader_workers: int = Field(4, ge=0)
     image_aspect_ratio: Literal["square", "pad"]
     group_by_modality_length: bool
-    bad_images: Literal["error", "skip"] = "error"
+    bad_images: BadImages = BAD_IMAGES_DEFAULT
     peak_tflops: float = Field(0.0, ge=0)
-    """Per-device peak for MFU; 0 takes LLAVARUN_PEAK_TFLOPS or the detected device's."""
+    """Stated per-device peak for MFU; 0: LLAVARUN_PEAK_TFLOPS, else the device's row in the
+    accelerator table, else the --accelerator profile's default."""
+    accelerator: AcceleratorProfileName | None = None
+    """The run's accelerator profile, whose default peak counts when the device is not in the table."""
 
 
 class PretrainConfig(TrainConfig):
@@ -211,8 +224,13 @@ def add_config_flags(parser: argparse.ArgumentParser, config: type[StageConfig])
 
 
 def _type_hint(annotation: Any) -> str:
+    present = [a for a in get_args(annotation) if a is not type(None)]
+    if isinstance(annotation, UnionType) and len(present) == 1:  # `X | None` is shown as X
+        annotation = present[0]
     if get_origin(annotation) is Literal:
         return "|".join(str(a) for a in get_args(annotation))
+    if isinstance(annotation, type) and issubclass(annotation, Enum):
+        return "|".join(str(member.value) for member in annotation)
     return getattr(annotation, "__name__", str(annotation))
 
 

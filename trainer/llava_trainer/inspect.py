@@ -53,8 +53,13 @@ def _config(args: argparse.Namespace) -> TrainConfig:
     return config_class(data_dir=args.data_dir, max_length=args.max_length, **overrides)
 
 
-def read_record(config: TrainConfig, index: int, fingerprint: str) -> dict[str, Any]:
-    """Record `index` of the stage's JSON: by offset when prepare's index is there, else by streaming."""
+def read_record(config: TrainConfig, index: int, fingerprint: str) -> tuple[dict[str, Any], str | None]:
+    """(record `index` of the stage's JSON, a warning when the file is truncated or invalid).
+
+    With prepare's index (which only exists for a file that parsed whole and has not changed since)
+    the record is read by offset; otherwise the file is streamed to the end, so a file that prepare
+    and training would refuse is named even when the record itself reads fine.
+    """
     data_path = config.resolve(config.data_path)
     found, _ = load_index(
         config.index_path, data_path, template=config.template, tokenizer_fingerprint=fingerprint
@@ -62,12 +67,19 @@ def read_record(config: TrainConfig, index: int, fingerprint: str) -> dict[str, 
     if found is not None:
         if not 0 <= index < len(found):
             raise IndexError(f"{data_path} has {len(found)} records; --index {index} is out of range")
-        return JsonRecords(data_path, found.offset, found.nbytes)[index]
-    count = 0
-    for count, (_, _, record) in enumerate(iter_json_array(data_path), start=1):
-        if count - 1 == index:
-            return record
-    raise IndexError(f"{data_path} has {count} records; --index {index} is out of range")
+        return JsonRecords(data_path, found.offset, found.nbytes)[index], None
+    record, count = None, 0
+    try:
+        for count, (_, _, element) in enumerate(iter_json_array(data_path), start=1):
+            if count - 1 == index:
+                record = element
+    except ValueError as err:
+        if record is None:
+            raise
+        return record, f"{err}; prepare and training refuse this file until it is fixed"
+    if record is None:
+        raise IndexError(f"{data_path} has {count} records; --index {index} is out of range")
+    return record, None
 
 
 def token_texts(tokenizer: Any, ids: list[int]) -> list[str]:
@@ -141,10 +153,12 @@ def main(args: argparse.Namespace) -> int:
     try:
         tokenizer = load_tokenizer(config.resolve(config.language_model), max_length=config.max_length)
         ids = llava_tokens(tokenizer, config.resolve(config.vision_tower))
-        record = read_record(config, args.index, tokenizer_fingerprint(tokenizer))
+        record, file_warning = read_record(config, args.index, tokenizer_fingerprint(tokenizer))
     except (FileNotFoundError, IndexError, ValueError) as err:
         print(f"llava-trainer inspect: {err}", file=sys.stderr)
         return 2
+    if file_warning:
+        print(f"llava-trainer inspect: WARNING {file_warning}", file=sys.stderr)
     common = dict(
         template=config.template,
         tokenizer=tokenizer,
@@ -175,6 +189,7 @@ def main(args: argparse.Namespace) -> int:
         "template": config.template,
         **describe(sample, tokenizer, ids.image_token_id),
         "image_error": image_error,
+        "file_warning": file_warning,
     }
     if args.json:
         print(json.dumps(info))

@@ -1,11 +1,13 @@
 """`llava-trainer prepare`: verify a data_dir, count it, measure it, and index it for training.
 
-Checks the case's layout (DESIGN §1) and fails with the missing path and what belongs there;
-then, per training JSON: counts samples per source, checks every referenced image (missing,
-corrupt, OCR-VQA's all-`.jpg` rule), measures real token lengths with the real tokenizer and
-template (image tokens included), and writes the per-sample index that training reuses
-(config.index_path). MMMU parquet files are read and counted. Only the output directory is written;
-the source data is opened read-only.
+Checks the case's layout and fails with the missing path and what belongs there; then, per
+training JSON: counts samples per source, checks every referenced image (missing, corrupt, too
+large, OCR-VQA's all-`.jpg` rule), measures real token lengths with the real tokenizer and template
+(image tokens included), and writes the per-sample index that training reuses (config.index_path).
+MMMU parquet files are read and counted. Finally it applies the training loader's own exclusion
+rule to the index under each stage's bad_images policy: where that stage would stop, prepare
+fails (exit 1) and its last line says what to fix. Only the output directory is written; the
+source data is opened read-only.
 """
 
 from __future__ import annotations
@@ -161,6 +163,38 @@ def _reference_prompts(config: PrepareConfig, datasets: dict[str, tuple[DatasetI
     return prompts
 
 
+def training_verdict(
+    config: PrepareConfig, stage: str, index: DatasetIndex, num_image_tokens: int
+) -> str | None:
+    """Why `stage` would stop at start-up on this index, with what to fix; None when it would start.
+
+    The training loader's own exclusion rule (one definition): with `bad_images: error` a known bad
+    image stops the stage; malformed and image-truncated samples are skipped, so the stage stops
+    only when nothing is left to train on.
+    """
+    from .data.loader import _excluded
+
+    data_path = _paths(config, stage)[0]
+    policy = getattr(config, f"{stage}_bad_images")
+    records = JsonRecords(data_path, index.offset, index.nbytes)
+    try:
+        excluded, reasons = _excluded(
+            index, records, num_image_tokens=num_image_tokens, max_length=config.max_length, bad_images=policy
+        )
+    except RuntimeError as err:
+        return (
+            f"{stage} would stop at start-up: {str(err).rstrip('.')} "
+            f"(spec.{stage}.badImages in a LlavaRun, --{stage}-bad-images for prepare)."
+        )
+    if excluded.all():
+        found = ", ".join(f"{n} {why}" for why, n in reasons.items()) or "no records at all"
+        return (
+            f"{stage} would have nothing to train on: {data_path} has {len(index)} records and none is "
+            f"usable ({found}); fix the data listed above"
+        )
+    return None
+
+
 def prepare(config: PrepareConfig, *, chunk_records: int = CHUNK_RECORDS) -> dict[str, Any]:
     """Everything `run` does except printing; returns {"results": PrepareResults fields, "report": details}."""
     started = time.monotonic()
@@ -182,7 +216,9 @@ def prepare(config: PrepareConfig, *, chunk_records: int = CHUNK_RECORDS) -> dic
     datasets: dict[str, tuple[DatasetIndex, dict]] = {}
     report: dict[str, Any] = {"datasets": {}}
     samples: Counter[str] = Counter()
-    missing, corrupt, not_jpg, mismatches = set(), set(), set(), 0
+    missing, not_jpg, mismatches = set(), set(), 0
+    corrupt: dict[str, str] = {}
+    verdicts: list[str] = []
     for stage in training:
         data_path, image_root = _paths(config, stage)
         try:
@@ -207,9 +243,12 @@ def prepare(config: PrepareConfig, *, chunk_records: int = CHUNK_RECORDS) -> dic
         report["datasets"][stage] = _dataset_report(config, stage, survey, num_image_tokens)
         samples.update(survey.sources)
         missing |= survey.missing
-        corrupt |= survey.corrupt
+        corrupt.update(survey.corrupt)
         not_jpg |= survey.not_jpg
         mismatches += survey.mismatches
+        verdict = training_verdict(config, stage, survey.index, num_image_tokens)
+        if verdict:
+            verdicts.append(verdict)
     if tokenizer is not None and datasets:
         report["tokenizer_reference_check"] = _reference_check(
             config.resolve(config.language_model), tokenizer, _reference_prompts(config, datasets)
@@ -221,8 +260,9 @@ def prepare(config: PrepareConfig, *, chunk_records: int = CHUNK_RECORDS) -> dic
         samples["mmmu"] = sum(s.get("validation", 0) for s in report["mmmu"]["subjects"].values())
     report.update(
         missing_images=sorted(missing)[: config.max_listed],
-        corrupt_images=sorted(corrupt)[: config.max_listed],
+        corrupt_images=[f"{path}: {corrupt[path]}" for path in sorted(corrupt)[: config.max_listed]],
         ocr_vqa_not_jpg=sorted(not_jpg)[: config.max_listed],
+        verdicts=verdicts,
     )
     results = {
         "samples": dict(samples),
@@ -282,9 +322,13 @@ def _print_summary(outcome: dict[str, Any]) -> None:
         for error in mmmu["errors"][:10]:
             print(f"  {error}")
     print(f"prepare: index {results['index']} ({results['duration_seconds']} s)")
+    for verdict in report["verdicts"]:  # last: what stops the next stage and what to fix
+        print(f"prepare: FAILED: {verdict}")
 
 
 def run(config: PrepareConfig) -> int:
+    """The stage command: 0 when the next stages can start on this data, 1 when one would stop
+    (results and index are still written), 2 when the layout is incomplete."""
     try:
         outcome = prepare(config)
     except (LayoutError, FileNotFoundError) as err:
@@ -295,4 +339,4 @@ def run(config: PrepareConfig) -> int:
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(outcome["results"], indent=2) + "\n")
     _report_status(outcome["results"])
-    return 0
+    return 1 if outcome["report"]["verdicts"] else 0

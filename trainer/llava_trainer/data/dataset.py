@@ -7,7 +7,6 @@ cannot be trained on (skip and count, or fail naming the file).
 
 from __future__ import annotations
 
-import os
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -16,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from .formats import JsonRecords, MalformedRecord, parse_record
+from .formats import JsonRecords, MalformedRecord, image_file, parse_record
 from .images import ImageError, ImagePipeline
 from .index import TokenTable
 from .templates import SkipSample, TokenizedSample, fit_to_length, render, tokenize_prompt
@@ -85,8 +84,8 @@ def build_sample(
     tokens = fit_to_length(tokens, max_length)
     pixel_values = None
     if paths and images is not None:
-        folder = os.fspath(image_folder) if image_folder is not None else ""
-        loaded = [images.load(os.path.join(folder, p)) for p in paths]
+        folder = image_folder if image_folder is not None else ""
+        loaded = [images.load(image_file(folder, p)) for p in paths]  # paths parse_record checked
         pixel_values = loaded[0][None] if len(loaded) == 1 else np.stack(loaded)  # no copy for one image
     return Sample(
         id=str(record.get("id", "")),

@@ -21,6 +21,7 @@ from typing import Any, BinaryIO
 import numpy as np
 from llava_operator.api.mmmu import SUBJECTS
 
+from ..tokenizer import IMAGE_TOKEN
 from .templates import ROLES
 
 FINETUNE_IMAGE_DIRS: tuple[str, ...] = (
@@ -31,7 +32,7 @@ FINETUNE_IMAGE_DIRS: tuple[str, ...] = (
     "vg/VG_100K",
     "vg/VG_100K_2",
 )
-"""Image directories of llava_v1_5_mix665k.json under LLaVA-Finetune/data (DESIGN §1)."""
+"""Image directories of llava_v1_5_mix665k.json under LLaVA-Finetune/data (the case's layout)."""
 FINETUNE_SOURCES: tuple[str, ...] = ("coco", "gqa", "ocr_vqa", "textvqa", "vg")
 SOURCES: tuple[str, ...] = ("pretrain", *FINETUNE_SOURCES, "text_only", "other")
 """Sample sources counted by prepare (index codes are positions in this tuple)."""
@@ -53,6 +54,52 @@ class Conversation:
     images: tuple[str, ...]
     turns: tuple[tuple[str, str], ...]
     """(role, text) with role "human" or "gpt", in file order."""
+
+
+def checked_image_path(relative: str) -> str:
+    """`relative` if it names a file inside an image folder; else MalformedRecord saying why.
+
+    Lexical on purpose: image folders may be symlinks to other storage, but a path in the data
+    never reaches outside them (`../../etc/passwd`, `/etc/passwd`).
+    """
+    problem = None
+    if "\0" in relative:
+        problem = "contains a NUL byte"
+    elif os.path.isabs(relative):
+        problem = "is absolute"
+    else:
+        normal = os.path.normpath(relative)
+        if normal == os.pardir or normal.startswith(os.pardir + os.sep):
+            problem = "leaves the image folder"
+    if problem:
+        raise MalformedRecord(
+            f"image path {relative!r} {problem}; image paths are relative to the stage's image folder "
+            "and stay inside it"
+        )
+    return relative
+
+
+def image_file(image_root: str | Path, relative: str) -> Path:
+    """The file of a record's image: the one place image paths are resolved (prepare, training,
+    inspect). Raises MalformedRecord for a path that would leave `image_root`."""
+    return Path(image_root, checked_image_path(relative))
+
+
+def _check_image_tags(turns: list[tuple[str, str]], images: tuple[str, ...]) -> None:
+    """One `<image>` tag per image, the first in the first human turn: otherwise LLaVA's
+    preprocessing silently trains something else (the image dropped, or a tag with no image)."""
+    tags = sum(text.count(IMAGE_TOKEN) for _, text in turns)
+    if not images:
+        if tags:
+            raise MalformedRecord(f"{tags} {IMAGE_TOKEN} tag(s) in a text-only record (no 'image' field)")
+        return
+    first_human = next((text for role, text in turns if role == "human"), "")
+    if IMAGE_TOKEN not in first_human:
+        raise MalformedRecord(
+            f"'image' is set but the first human turn has no {IMAGE_TOKEN} tag; the image would not be seen"
+        )
+    if tags != len(images):
+        raise MalformedRecord(f"{tags} {IMAGE_TOKEN} tags for {len(images)} image(s); one tag per image")
 
 
 def parse_record(record: Any) -> Conversation:
@@ -81,6 +128,8 @@ def parse_record(record: Any) -> Conversation:
         images = tuple(image)
     else:
         raise MalformedRecord(f"'image' must be a relative path, got {image!r}")
+    images = tuple(checked_image_path(path) for path in images)
+    _check_image_tags(parsed, images)
     return Conversation(str(record.get("id", "")), images, tuple(parsed))
 
 
@@ -140,6 +189,9 @@ def iter_json_array(path: str | Path, *, chunk_chars: int = 1 << 22) -> Iterator
         while True:
             char = skip_whitespace()
             if char == "]" and (first or not expect_value):
+                pos, cursor = pos + 1, cursor + 1
+                if skip_whitespace():
+                    raise fail("data after the end of the array")
                 return
             if not expect_value:
                 if char != ",":

@@ -9,7 +9,7 @@ arithmetic: bit-identical to the HF processor. `resize="torch"` (the training de
 with torch's uint8 antialiased bicubic (the same Keys kernel, ~4x faster than PIL here) and
 normalises with one multiply-add: within two 8-bit levels of PIL on a few pixels in a thousand
 (tests hold it to that), which training cannot tell from JPEG noise.
-A missing or undecodable image raises `ImageError` naming the file; never a blank image.
+A missing, undecodable or too large image raises `ImageError` naming the file; never a blank image.
 """
 
 from __future__ import annotations
@@ -35,13 +35,44 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 class ImageError(Exception):
-    """A sample's image is missing or cannot be decoded; `path` names the file."""
+    """A sample's image is missing, cannot be decoded or is too large; `path` names the file."""
 
     def __init__(self, path: str | Path, problem: str, detail: str = "") -> None:
         super().__init__(f"{problem} image {path}" + (f": {detail}" if detail else ""))
         self.path = str(path)
         self.problem = problem
-        """"missing" or "corrupt"."""
+        """"missing", "corrupt" or "too large"."""
+        self.detail = detail
+
+    @property
+    def reason(self) -> str:
+        """What is wrong, without the path: "too large: 20000x20000 (...)", "corrupt: <Pillow's words>"."""
+        return self.problem + (f": {self.detail}" if self.detail else "")
+
+
+_DECODE_ERRORS = (UnidentifiedImageError, OSError, SyntaxError, ValueError)
+
+
+def _too_large(path: str | Path) -> ImageError:
+    """Pillow refuses images above twice `Image.MAX_IMAGE_PIXELS` (a decompression bomb) before
+    reading their size out to us; read it from the header to say how large the image claims to be."""
+    limit = 2 * (Image.MAX_IMAGE_PIXELS or 0)
+    size = "an unknown size"
+    Image.init()
+    with open(path, "rb") as file:
+        prefix = file.read(16)
+        for name in Image.ID:
+            factory, accept = Image.OPEN[name]
+            if accept and not accept(prefix):
+                continue
+            file.seek(0)
+            try:
+                width, height = factory(file, str(path)).size
+            except Exception:  # not this format: try the next plugin, as Image.open does
+                continue
+            size = f"{width}x{height}"
+            break
+    return ImageError(path, "too large", f"{size} is above the {limit}-pixel limit")
 
 
 def load_image(path: str | Path) -> Image.Image:
@@ -54,7 +85,9 @@ def load_image(path: str | Path) -> Image.Image:
                 return image.convert("RGB")
     except FileNotFoundError:
         raise ImageError(path, "missing") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+    except Image.DecompressionBombError:
+        raise _too_large(path) from None
+    except _DECODE_ERRORS as err:
         raise ImageError(path, "corrupt", str(err)) from None
 
 
@@ -66,7 +99,7 @@ def decode_rgb(path: str | Path) -> np.ndarray:
     (accurate integer IDCT, fancy upsampling) as Pillow's decoder, so the same pixels (tested), minus
     Pillow's RGBX image memory and the copy out of it (~40% of the decode time at 336 px). Anything
     else (PNG, CMYK/YCCK or Adobe-RGB JPEG, a JPEG libjpeg warns about, a decompression bomb)
-    goes through `load_image`, which also names missing and corrupt files.
+    goes through `load_image`, which also names missing, corrupt and too large files.
     """
     if simplejpeg is not None:
         try:
@@ -84,11 +117,12 @@ def decode_rgb(path: str | Path) -> np.ndarray:
     return np.asarray(load_image(path))
 
 
-def check_image(path: str | Path, *, decode: bool = True) -> tuple[str | None, str | None]:
-    """(problem, format) of an image file: problem is None, "missing" or "corrupt".
+def check_image(path: str | Path, *, decode: bool = True) -> tuple[ImageError | None, str | None]:
+    """(problem, format) of an image file: the ImageError training would raise (None: usable).
 
     JPEGs are decoded at reduced DCT scale (`draft`): every entropy-coded byte is still read, so
-    truncation and corruption are still found, at a fraction of the cost.
+    truncation and corruption are still found, at a fraction of the cost. Too large means what
+    training's decoder refuses (see `_too_large`).
     """
     try:
         with warnings.catch_warnings():
@@ -101,9 +135,11 @@ def check_image(path: str | Path, *, decode: bool = True) -> tuple[str | None, s
                     image.load()
                 return None, fmt
     except FileNotFoundError:
-        return "missing", None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError):
-        return "corrupt", None
+        return ImageError(path, "missing"), None
+    except Image.DecompressionBombError:
+        return _too_large(path), None
+    except _DECODE_ERRORS as err:
+        return ImageError(path, "corrupt", str(err)), None
 
 
 def background_colour(image_mean: tuple[float, ...] | list[float]) -> tuple[int, ...]:

@@ -18,8 +18,8 @@ import numpy as np
 from llava_operator.api.mmmu import SUBJECTS
 
 from .dataset import tokenize_record
-from .formats import SOURCES, JsonRecords, mmmu_files, parse_record, read_mmmu, record_source
-from .images import check_image
+from .formats import SOURCES, JsonRecords, image_file, mmmu_files, parse_record, read_mmmu, record_source
+from .images import ImageError, check_image
 from .index import (
     FLAG_CORRUPT_IMAGE,
     FLAG_MALFORMED,
@@ -46,7 +46,8 @@ class DatasetReport:
     sources: Counter[str] = field(default_factory=Counter)
     malformed: list[str] = field(default_factory=list)
     missing: set[str] = field(default_factory=set)
-    corrupt: set[str] = field(default_factory=set)
+    corrupt: dict[str, str] = field(default_factory=dict)
+    """Image path -> why training cannot use it: "corrupt: ..." or "too large: WxH ..."."""
     not_jpg: set[str] = field(default_factory=set)
     mismatches: int = 0
 
@@ -65,35 +66,45 @@ def _init_worker(language_model: str | None, check_images: str, measure: bool) -
     _WORKER.update(language_model=language_model, check_images=check_images, images={})
 
 
-def _check_path(image_root: Path, relative: str) -> tuple[str | None, bool]:
-    """(problem, breaks the OCR-VQA .jpg rule) for one referenced image, cached per process."""
+def _check_path(image_root: Path, relative: str) -> tuple[ImageError | None, bool]:
+    """(what training would raise, breaks the OCR-VQA .jpg rule) for one referenced image (a path
+    parse_record accepted), cached per process."""
     cache = _WORKER["images"]
     if relative not in cache:
-        path, mode = image_root / relative, _WORKER["check_images"]
+        path, mode = image_file(image_root, relative), _WORKER["check_images"]
+        problem: ImageError | None
         if mode == "none":
             problem, fmt = None, None
         elif mode == "exists":
-            problem, fmt = (None if path.is_file() else "missing"), None
+            problem, fmt = (None if path.is_file() else ImageError(path, "missing")), None
         else:
             problem, fmt = check_image(path)
         not_jpg = False
         if relative.startswith("ocr_vqa/"):
             not_jpg = not relative.endswith(".jpg") or (fmt is not None and fmt != "JPEG")
-            if problem == "missing":
+            if problem is not None and problem.problem == "missing":
                 not_jpg = not_jpg or any(path.parent.glob(path.stem + ".*"))
         cache[relative] = (problem, not_jpg)
     return cache[relative]
 
 
-def _process_chunk(task: tuple[str, str, str, str, np.ndarray, np.ndarray]) -> dict[str, Any]:
-    """Validate, check images and measure one run of records (read by offset)."""
-    data_path, image_root, stage, template, offsets, nbytes = task
+def _where(position: int, offset: int, record: Any) -> str:
+    """How a report names a record: its position in the array, its id when it has one, its byte."""
+    rid = record.get("id") if isinstance(record, dict) else None
+    named = f"id {rid!r}, " if rid is not None else ""
+    return f"record {position} ({named}byte {offset})"
+
+
+def _process_chunk(task: tuple[str, str, str, str, int, np.ndarray, np.ndarray]) -> dict[str, Any]:
+    """Validate, check images and measure one run of records (read by offset); `first` is the
+    position of the run's first record in the array."""
+    data_path, image_root, stage, template, first, offsets, nbytes = task
     records = JsonRecords(data_path, offsets, nbytes)
     arrays = empty_arrays(len(records))
     result: dict[str, Any] = {
         "malformed": [],
         "missing": set(),
-        "corrupt": set(),
+        "corrupt": {},
         "not_jpg": set(),
         "mismatches": 0,
     }
@@ -102,6 +113,7 @@ def _process_chunk(task: tuple[str, str, str, str, np.ndarray, np.ndarray]) -> d
     codes: list[np.ndarray] = []
     code_counts = np.zeros(len(records), dtype=np.int64)  # 0 for malformed records
     for i in range(len(records)):
+        record = None
         try:
             record = records[i]
             conversation = parse_record(record)
@@ -129,13 +141,16 @@ def _process_chunk(task: tuple[str, str, str, str, np.ndarray, np.ndarray]) -> d
                 arrays["text_tokens"][i] = word_count(record["conversations"])
         except (ValueError, SkipSample) as err:  # MalformedRecord, bad JSON, template rules
             arrays["flags"][i] |= FLAG_MALFORMED
-            result["malformed"].append(f"record at byte {offsets[i]}: {err}")
+            result["malformed"].append(f"{_where(first + i, int(offsets[i]), record)}: {err}")
             continue
         for relative in conversation.images:
             problem, not_jpg = _check_path(Path(image_root), relative)
-            if problem:
-                arrays["flags"][i] |= FLAG_MISSING_IMAGE if problem == "missing" else FLAG_CORRUPT_IMAGE
-                result[problem].add(relative)
+            if problem is not None and problem.problem == "missing":
+                arrays["flags"][i] |= FLAG_MISSING_IMAGE
+                result["missing"].add(relative)
+            elif problem is not None:
+                arrays["flags"][i] |= FLAG_CORRUPT_IMAGE
+                result["corrupt"][relative] = problem.reason
             if not_jpg:
                 arrays["flags"][i] |= FLAG_NOT_JPG
                 result["not_jpg"].add(relative)
@@ -175,6 +190,7 @@ def survey_dataset(
             str(image_root),
             stage,
             template,
+            s,
             scanned.offsets[s : s + chunk_records],
             scanned.lengths[s : s + chunk_records],
         )
@@ -201,7 +217,7 @@ def survey_dataset(
         start += len(part["source"])
         report.malformed += result["malformed"]
         report.missing |= result["missing"]
-        report.corrupt |= result["corrupt"]
+        report.corrupt.update(result["corrupt"])
         report.not_jpg |= result["not_jpg"]
         report.mismatches += result["mismatches"]
     if measure:
