@@ -150,6 +150,48 @@ def test_missing_unknown_and_invalid_responses_are_reported_not_scored(data_dir:
     assert "2 questions without a response in the responses file (not scored)" in summary
 
 
+def test_unmatched_responses_are_counted_and_the_matching_ones_scored(data_dir: Path):
+    responses = {"validation_Art_1": "(B)", "dev_Art_1": "(A)", "validation_Art_99": "(C)"}
+    results = _evaluate(data_dir, responses, subjects=["Art"])
+    assert results["overall"] == {"accuracy": 1.0, "percent": 100.0, "correct": 1, "questions": 1}
+    assert results["counts"]["unmatched_responses"] == 2 and results["counts"]["missing_responses"] == 3
+    summary = (data_dir / "Output" / "evaluate" / "summary.md").read_text()
+    assert "2 response ids that match no loaded question (ignored): dev_Art_1, validation_Art_99" in summary
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (
+            '{"dev_Art_1": "(A)", "dev_Art_2": "B"}',
+            "none of its 2 ids matches a loaded question (e.g. 'dev_Art_1'",
+        ),
+        (
+            '{"dev_Art_1": "(A)"}',
+            "the questions' ids look like 'validation_Art_1'): check --split and --subjects",
+        ),
+        (
+            '{"validation_Physics_1": "(C)"}',
+            "none of its 1 ids matches a loaded question",
+        ),  # not in --subjects
+        ("{}", "it holds no responses ({}): nothing to score"),
+        ('{"validation_Art_1": ["B"], "validation_Art_2": 3}', "none of the 2 responses whose ids match"),
+        ('{"validation_Art_1": ["B"]}', "is a string (e.g. 'validation_Art_1': ['B'])"),
+        ('["(A)"]', "expected a JSON object {question_id: response}, got a list"),
+        ('{"validation_Art_1": "(A)"', "not valid JSON: Expecting"),
+        (None, "no such file (relative paths are relative to --data-dir)"),
+    ],
+)
+def test_a_responses_file_that_scores_nothing_is_refused(data_dir: Path, caplog, content, message):
+    """Exit 2 naming the file and what is wrong; no results that look like a finished evaluation."""
+    path = data_dir / "responses.json"
+    if content is not None:
+        path.write_text(content)
+    assert run(EvaluateConfig(data_dir=data_dir, responses=path, subjects=["Art"])) == 2
+    assert f"cannot score the responses file {path}: " in caplog.text and message in caplog.text
+    assert not (data_dir / "Output" / "evaluate" / "results.json").exists()
+
+
 def test_a_split_without_answers_is_answered_but_not_scored(tmp_path: Path):
     write_split(tmp_path / "MMMU" / "MMMU", "Art", "test", [question_row("test_Art_1", "Q?", "?", CITIES)])
     results = _evaluate(tmp_path, {"test_Art_1": "(A)"}, split="test", subjects=["Art"])

@@ -65,7 +65,7 @@ def run(config: EvaluateConfig) -> int:
         try:
             responses = read_responses(path, questions, problems)
         except (OSError, ValueError) as err:
-            log.error("cannot read the responses file %s: %s", path, err)
+            log.error("cannot score the responses file %s: %s", path, err)
             return 2
         source = {"model": None, "responses_file": str(path)}
     else:
@@ -142,10 +142,17 @@ def _generate(
 
 
 def read_responses(path: Path, questions: list[Question], problems: Problems) -> dict[str, str]:
-    """{question_id: response} from an official-format output file; oddities go to `problems`."""
+    """{question_id: response} from an official-format output file; oddities go to `problems`.
+
+    Raises ValueError when nothing in the file can be scored: a file for another split or subject
+    set would otherwise give an accuracy of null and look like a finished evaluation.
+    """
     if not path.is_file():
         raise ValueError(f"no such file (relative paths are relative to --data-dir): {path}")
-    raw = json.loads(path.read_text(encoding="utf-8"))
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise ValueError(f"not valid JSON: {err}") from None
     if not isinstance(raw, dict):
         raise ValueError(f"expected a JSON object {{question_id: response}}, got a {type(raw).__name__}")
     known = {q.id for q in questions}
@@ -157,7 +164,25 @@ def read_responses(path: Path, questions: list[Question], problems: Problems) ->
             responses[qid] = response
         else:
             problems.invalid_responses.append(qid)
+    if not responses:
+        raise ValueError(_nothing_to_score(raw, questions, problems))
     return responses
+
+
+def _nothing_to_score(raw: dict[str, Any], questions: list[Question], problems: Problems) -> str:
+    """Why a responses file scores nothing, and what to check."""
+    if not raw:
+        return "it holds no responses ({}): nothing to score"
+    if problems.invalid_responses:
+        qid = problems.invalid_responses[0]
+        return (
+            f"none of the {len(problems.invalid_responses)} responses whose ids match a question is a "
+            f"string (e.g. {qid!r}: {raw[qid]!r}); each value must be the response text"
+        )
+    return (
+        f"none of its {len(raw)} ids matches a loaded question (e.g. {next(iter(raw))!r}; the "
+        f"questions' ids look like {questions[0].id!r}): check --split and --subjects"
+    )
 
 
 def build_results(
@@ -195,6 +220,7 @@ def build_results(
             "scored": table["overall"]["questions"],
             "unanswered": len(problems.unanswered),
             "missing_responses": len(problems.missing_responses),
+            "unmatched_responses": len(problems.unknown_response_ids),
             "random_fallbacks": sum(p.parse_rule == "random" for p in predictions),
             "image_errors": len(problems.image_errors),
             "generation_errors": len(problems.generation_errors),
