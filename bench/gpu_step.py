@@ -14,7 +14,7 @@ What a step is, per stage (LLaVA-1.5 recipe, bf16, gradient checkpointing on the
   `layers`). Per-layer work is what MFU measures; fewer layers make the embedding/LM-head share a
   little larger.
 
-MFU uses llava_trainer.metrics (DESIGN §6: 4N/6N per real token + attention + CLIP forward) and
+MFU uses llava_trainer.metrics (4N/6N per real token + attention + CLIP forward) and
 FlagPerf's 2N/6N per padded token (here real = padded: no padding). Self-contained on purpose: it
 needs torch and transformers only, no DeepSpeed or pydantic, so it runs on a bare GPU machine.
 """
@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import importlib.util
 import json
 import math
 import os
@@ -42,9 +43,25 @@ from llava_trainer.metrics import (
     LlavaShape,
     flagperf_params,
     mfu_percent,
-    peak_tflops_for,
     sample_flops,
 )
+
+
+def _accelerator_table() -> Any:
+    """llava_operator/api/profiles.py, the one peak table, loaded by path: importing it as a
+    package module would run llava_operator.api's __init__, which needs pydantic."""
+    path = Path(__file__).resolve().parents[1] / "operator" / "llava_operator" / "api" / "profiles.py"
+    spec = importlib.util.spec_from_file_location("llavarun_accelerator_profiles", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the file executes
+    spec.loader.exec_module(module)
+    return module
+
+
+def device_peak_tflops(device_name: str) -> float | None:
+    device = _accelerator_table().known_device(device_name)
+    return device.peak_tflops if device else None
+
 
 VICUNA = {
     "7b": {
@@ -382,7 +399,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     device, dtype, name = device_and_dtype(args.tiny)
     env_peak = os.environ.get("LLAVARUN_PEAK_TFLOPS")
-    args.peak = args.peak_tflops or (float(env_peak) if env_peak else None) or peak_tflops_for(name)
+    args.peak = args.peak_tflops or (float(env_peak) if env_peak else None) or device_peak_tflops(name)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
     import transformers

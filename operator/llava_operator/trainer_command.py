@@ -106,24 +106,26 @@ def stage_config(spec: LlavaRunSpec, stage: Stage, *, data_dir_override: str | N
         )
     hp = spec.pretrain if stage is Stage.PRETRAIN else spec.finetune
     values = {name: getattr(hp, name) for name in _TRAINING_FIELDS}
-    peak = spec.accelerator.resolved().peak_tflops if spec.accelerator.peak_tflops else 0.0
+    # MFU's denominator: a stated peak wins; otherwise the trainer looks its device up in the
+    # profiles' table and falls back to this profile's default (llava_operator.api.profiles).
+    peak = {"peak_tflops": spec.accelerator.peak_tflops or 0.0, "accelerator": spec.accelerator.profile}
     if stage is Stage.PRETRAIN:
         return PretrainConfig(
             **common,
             **models,
             **values,
+            **peak,
             data_path=paths.pretrain_data,
             image_folder=paths.pretrain_images,
-            peak_tflops=peak,
         )
     return FinetuneConfig(
         **common,
         **models,
         **values,
+        **peak,
         data_path=paths.finetune_data,
         image_folder=paths.finetune_images,
         pretrained_projector=spec.finetune.pretrained_projector,
-        peak_tflops=peak,
     )
 
 
@@ -145,8 +147,6 @@ def stage_env(spec: LlavaRunSpec, run_name: str, stage: Stage, attempt: int) -> 
         "TRANSFORMERS_OFFLINE": "1",
         **profile.env,
     }
-    if spec.accelerator.peak_tflops:
-        env["LLAVARUN_PEAK_TFLOPS"] = str(profile.peak_tflops)
     if profile.backend == "nccl":
         env["TORCH_NCCL_ASYNC_ERROR_HANDLING"] = "1"
     return env

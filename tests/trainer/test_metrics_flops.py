@@ -1,4 +1,4 @@
-"""FLOP accounting and MFU follow DESIGN §6 / performance.md §3 and FlagPerf's convention."""
+"""FLOP accounting and MFU follow the documented convention (docs/TRAINING.md) and FlagPerf's."""
 
 from __future__ import annotations
 
@@ -15,7 +15,6 @@ from llava_trainer.metrics import (
     flagperf_flops,
     flagperf_params,
     mfu_percent,
-    peak_tflops_for,
     resolve_peak_tflops,
     sample_flops,
 )
@@ -56,7 +55,7 @@ def test_clip_forward_is_about_038_tflop_per_image() -> None:
 
 
 def test_pretrain_sample_flops_match_the_worked_example() -> None:
-    # performance.md §3: 13B pretrain at T=607 is ~32.9 TF (4NT + attention + ViT).
+    # 13B pretrain at T=607 is ~32.9 TF (4NT + attention + ViT).
     assert sample_flops(VICUNA_13B, "pretrain", 607, 1) == pytest.approx(32.9e12, rel=0.03)
     # finetune 7B at T=1150 is ~49.0 TF with 6NT.
     assert sample_flops(VICUNA_7B, "finetune", 1150, 1) == pytest.approx(49.0e12, rel=0.03)
@@ -80,30 +79,18 @@ def test_flagperf_uses_nominal_size_and_padded_tokens() -> None:
     assert mfu == pytest.approx(18.95, abs=0.01)
 
 
-@pytest.mark.parametrize(
-    ("name", "peak"),
-    [
-        ("NVIDIA H100 80GB HBM3", 989.4),
-        ("NVIDIA H100 PCIe", 756.0),
-        ("NVIDIA A100-SXM4-80GB", 312.0),
-        ("NVIDIA A800-SXM4-80GB", 312.0),
-        ("Some Future Accelerator", None),
-    ],
-)
-def test_peak_table_by_device_name(name: str, peak: float | None) -> None:
-    assert peak_tflops_for(name) == peak
-
-
-def test_peak_comes_from_flag_then_env_then_table_and_is_unknown_on_cpu(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
+def test_peak_comes_from_flag_then_env_then_the_accelerator_table(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The table itself (device rows, profile defaults) is tested in tests/unit/test_accelerator_profiles.py.
     monkeypatch.delenv("LLAVARUN_PEAK_TFLOPS", raising=False)
+    assert resolve_peak_tflops(0.0, "cpu")[0] is None
+    assert resolve_peak_tflops(0.0, "NVIDIA H100 80GB HBM3")[0] == 989.4
+    assert resolve_peak_tflops(0.0, "NVIDIA A100-SXM4-80GB", "nvidia")[0] == 312.0  # device over profile
+    assert resolve_peak_tflops(0.0, "cpu", "amd")[0] == 1307.4  # the profile's default
     assert resolve_peak_tflops(0.0, "cpu", "cpu")[0] is None
-    assert resolve_peak_tflops(0.0, "cuda", "NVIDIA H100 80GB HBM3")[0] == 989.4
     monkeypatch.setenv("LLAVARUN_PEAK_TFLOPS", "500")
-    assert resolve_peak_tflops(0.0, "cuda", "NVIDIA H100 80GB HBM3") == (500.0, "LLAVARUN_PEAK_TFLOPS")
-    assert resolve_peak_tflops(0.0, "cpu", "cpu")[0] == 500.0
-    assert resolve_peak_tflops(123.0, "cuda", "x") == (123.0, "--peak-tflops")
+    assert resolve_peak_tflops(0.0, "NVIDIA H100 80GB HBM3") == (500.0, "LLAVARUN_PEAK_TFLOPS")
+    assert resolve_peak_tflops(0.0, "cpu")[0] == 500.0
+    assert resolve_peak_tflops(123.0, "x") == (123.0, "--peak-tflops")
 
 
 def test_throughput_rates_and_mfu_are_null_without_a_peak() -> None:

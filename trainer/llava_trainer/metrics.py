@@ -1,6 +1,6 @@
 """FLOP accounting, MFU, throughput and the training log (TensorBoard + JSON lines).
 
-Two MFU conventions are reported side by side (DESIGN §6, reference/performance.md §3):
+Two MFU conventions are reported side by side:
 
 - ours: model FLOPs actually needed per sample, on real (unpadded) tokens. LLM dense matmuls
   4·N·T in pretrain (frozen LLM: forward 2N plus the activation-gradient backward 2N that the
@@ -11,9 +11,11 @@ Two MFU conventions are reported side by side (DESIGN §6, reference/performance
   (7e9, 13e9), nothing else; so numbers compare with the published FlagPerf tables.
 
 N here counts the LLM's matmul weights: every linear layer plus the LM head, not the input
-embedding (a lookup) or the norms. This module is plain Python at import time (torch, DeepSpeed,
-tensorboard and the status reporter load lazily) so bench/gpu_step.py can use it without DeepSpeed
-or pydantic. `ProgressLog` at the end is what the training loop reports each logging step.
+embedding (a lookup) or the norms. The peak per device, MFU's denominator, comes from the one
+accelerator table (llava_operator.api.profiles). This module is plain Python at import time
+(torch, DeepSpeed, tensorboard, the status reporter and the table load lazily) so bench/gpu_step.py
+can use it without DeepSpeed or pydantic. `ProgressLog` at the end is what the training loop
+reports each logging step.
 """
 
 from __future__ import annotations
@@ -31,20 +33,6 @@ if TYPE_CHECKING:
     from .distributed import World
 
 Stage = Literal["pretrain", "finetune"]
-
-PEAK_TFLOPS_BY_DEVICE: list[tuple[tuple[str, ...], float]] = [
-    # (all substrings of the upper-cased device name, dense bf16 TFLOP/s); first match wins.
-    (("H100", "PCIE"), 756.0),
-    (("H100", "NVL"), 835.0),
-    (("H100",), 989.4),  # SXM ("NVIDIA H100 80GB HBM3")
-    (("H800", "PCIE"), 756.0),
-    (("H800",), 989.4),
-    (("H200",), 989.4),
-    (("H20",), 148.0),
-    (("A100",), 312.0),
-    (("A800",), 312.0),
-]
-"""Vendor datasheet peaks; anything else needs `--peak-tflops` or LLAVARUN_PEAK_TFLOPS."""
 
 
 @dataclass(frozen=True)
@@ -147,17 +135,11 @@ def flagperf_flops(shape: LlavaShape, stage: Stage, padded_tokens: int) -> float
     return (2 if stage == "pretrain" else 6) * flagperf_params(shape.llm_params) * padded_tokens
 
 
-def peak_tflops_for(device_name: str) -> float | None:
-    name = device_name.upper()
-    for parts, peak in PEAK_TFLOPS_BY_DEVICE:
-        if all(p in name for p in parts):
-            return peak
-    return None
-
-
-def resolve_peak_tflops(configured: float, device_type: str, device_name: str) -> tuple[float | None, str]:
-    """Per-device peak TFLOP/s for MFU and where it came from: the flag, LLAVARUN_PEAK_TFLOPS,
-    the device-name table, else None (always None on CPU unless given explicitly)."""
+def resolve_peak_tflops(
+    configured: float, device_name: str, profile: str | None = None
+) -> tuple[float | None, str]:
+    """Per-device peak TFLOP/s for MFU and where it came from: the flag, LLAVARUN_PEAK_TFLOPS, else
+    the accelerator table (the device's row, else the profile's default; None when neither)."""
     if configured > 0:
         return configured, "--peak-tflops"
     env = os.environ.get("LLAVARUN_PEAK_TFLOPS", "")
@@ -167,10 +149,10 @@ def resolve_peak_tflops(configured: float, device_type: str, device_name: str) -
                 return float(env), "LLAVARUN_PEAK_TFLOPS"
         except ValueError:
             print(f"llava-trainer: ignoring LLAVARUN_PEAK_TFLOPS={env!r} (not a number)", file=sys.stderr)
-    if device_type == "cpu":
-        return None, "unknown (CPU)"
-    peak = peak_tflops_for(device_name)
-    return (peak, f"table ({device_name})") if peak else (None, f"unknown device {device_name!r}")
+    # Imported here: bench/gpu_step.py imports this module where the API package's pydantic is absent.
+    from llava_operator.api.profiles import device_peak_tflops
+
+    return device_peak_tflops(profile, device_name)
 
 
 def mfu_percent(flops: float, seconds: float, devices: int, peak_tflops: float | None) -> float | None:

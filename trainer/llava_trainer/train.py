@@ -128,7 +128,7 @@ def train(config: TrainConfig, world: World) -> int:
 
     # --- observability and resume ------------------------------------------------------------------
     out = config.stage_output
-    peak, peak_source = resolve_peak_tflops(config.peak_tflops, world.device_type, world.device_name)
+    peak, peak_source = resolve_peak_tflops(config.peak_tflops, world.device_name, config.accelerator)
     progress = ProgressLog(out, stage, world, shape, peak, total_steps, steps_per_epoch)
     progress.event(
         "start",
