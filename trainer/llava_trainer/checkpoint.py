@@ -2,14 +2,15 @@
 
 A checkpoint is written into `.tmp-checkpoint-<step>`, completed with a `COMPLETE` marker, then
 renamed; a directory named `checkpoint-<step>` with the marker is therefore always whole, and a
-kill at any moment leaves at worst a temporary directory that the next start removes (DESIGN §3).
+kill at any moment leaves at worst a temporary directory that the next start removes.
 
 Contents: DeepSpeed's engine checkpoint (trainable weights only, optimizer and scheduler state,
 every rank's ZeRO partitions) in `ds/`, and per rank `trainer_state_rank<r>.pt` (data loader
 position, RNG states). `trainer_state.json` records step, epoch and world size for humans and for
 the resume check. The output directory must be shared by all ranks (one PVC), as DeepSpeed's
-own checkpoints assume. `GracefulStop` and `checkpoint_fits` are the SIGTERM policy: save once
-more if it fits in the grace period.
+own checkpoints assume. `Checkpointer` decides when the loop saves (every `--save-steps`, at the
+end, after SIGTERM); `GracefulStop` and `checkpoint_fits` are the SIGTERM policy: save once more
+if it fits in the grace period.
 """
 
 from __future__ import annotations
@@ -180,6 +181,57 @@ def _remove(path: Path) -> None:
     # Drop the marker first: a half-deleted directory must never look complete.
     (path / COMPLETE).unlink(missing_ok=True)
     shutil.rmtree(path, ignore_errors=True)
+
+
+class Checkpointer:
+    """When and where a stage saves: every `save_steps` steps before the last, once at the end
+    unless that step is saved already, and after SIGTERM if the last save's duration says another
+    fits in the grace period. Saves are collectives: every rank calls the same methods."""
+
+    def __init__(
+        self,
+        engine: Any,
+        loader: Any,
+        root: Path,
+        world: World,
+        *,
+        save_steps: int,
+        keep: int,
+        total_steps: int,
+    ) -> None:
+        self.engine, self.loader, self.root, self.world = engine, loader, root, world
+        self.save_steps, self.keep, self.total_steps = save_steps, keep, total_steps
+        self.last_save_seconds: float | None = None
+
+    def resume(self) -> tuple[TrainState, dict[str, Any] | None, Path | None]:
+        """See `resume`: the newest complete checkpoint's state, loader position and path."""
+        return resume(self.engine, self.root, self.world)
+
+    def is_saved(self, step: int) -> bool:
+        return latest_checkpoint(self.root) == self.root / f"{PREFIX}{step}"
+
+    def save(self, state: TrainState) -> None:
+        _, self.last_save_seconds = save_checkpoint(
+            self.engine, self.root, state, self.loader.state_dict(), self.world, self.keep
+        )
+
+    def save_if_due(self, state: TrainState) -> None:
+        """After an optimizer step: the periodic save (the last step is left to `save_final`)."""
+        if state.step % self.save_steps == 0 and state.step < self.total_steps:
+            self.save(state)
+
+    def save_final(self, state: TrainState) -> None:
+        if not self.is_saved(state.step):
+            self.save(state)
+
+    def save_before_exit(self, state: TrainState, seconds_left: float) -> bool:
+        """After SIGTERM: whether this step is saved on exit (saving now if it fits in time)."""
+        if self.is_saved(state.step):
+            return True
+        if not checkpoint_fits(self.last_save_seconds, seconds_left):
+            return False
+        self.save(state)
+        return True
 
 
 class GracefulStop:

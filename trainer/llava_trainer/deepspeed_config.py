@@ -1,4 +1,4 @@
-"""The DeepSpeed config of a training stage, generated from its TrainConfig.
+"""The batch layout and the DeepSpeed config of a training stage, generated from its TrainConfig.
 
 Mirrors LLaVA's scripts/zero2.json and zero3.json (which FlagPerf reuses) with HF Trainer's
 "auto" values resolved: ZeRO-2 for pretrain, ZeRO-3 for finetune (from `--zero-stage`), bucket
@@ -25,12 +25,20 @@ class BatchSizeError(ValueError):
 
 @dataclass(frozen=True)
 class BatchLayout:
-    """How the global batch splits: global = micro x gradient accumulation x world size."""
+    """How the global batch splits: global = micro x gradient accumulation x world size. Made by
+    `batch_layout` once per run; the data loader and the DeepSpeed config both take this one."""
 
     global_batch_size: int
     micro_batch_size: int
     gradient_accumulation_steps: int
     world_size: int
+
+    def __post_init__(self) -> None:
+        parts = self.micro_batch_size * self.gradient_accumulation_steps * self.world_size
+        if min(self.micro_batch_size, self.gradient_accumulation_steps, self.world_size) < 1 or (
+            parts != self.global_batch_size
+        ):
+            raise BatchSizeError(f"inconsistent batch layout {self}")
 
 
 def batch_layout(global_batch_size: int, micro_batch_size: int, world_size: int) -> BatchLayout:

@@ -6,7 +6,7 @@ WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT. Started *without* torchrun 
 (where the operator's RANK is the pod index, not a process rank), the trainer re-executes itself
 under torchrun. With none of that env it is one process, world size 1.
 
-Device, backend and synchronisation come from `deepspeed.get_accelerator()` (DESIGN §4), never
+Device, backend and synchronisation come from `deepspeed.get_accelerator()`, never
 CUDA by name; `LLAVARUN_DIST_BACKEND` overrides the backend (the accelerator profile's choice).
 """
 

@@ -313,11 +313,14 @@ class ProgressLog:
         world: World,
         shape: LlavaShape,
         peak: float | None,
+        *,
         total_steps: int,
         steps_per_epoch: int,
+        logging_steps: int,
     ) -> None:
         self.stage, self.world, self.shape, self.peak = stage, world, shape, peak
         self.total_steps, self.steps_per_epoch = total_steps, steps_per_epoch
+        self.logging_steps = logging_steps
         from .status import StatusReporter  # pydantic: imported here so the bench need not have it
 
         self.log = TrainingLog(out / "tensorboard", stage=stage, enabled=world.is_main)
@@ -343,6 +346,12 @@ class ProgressLog:
         value = loss.detach().float()
         self.loss_sum = value if self.loss_sum is None else self.loss_sum + value
         self.loss_count += 1
+
+    def step_done(self, state: Any, engine: Any, *, stopping: bool) -> None:
+        """After an optimizer step: log every `logging_steps`-th step, the last one, and the one a
+        stop follows (so no step's loss goes unreported)."""
+        if state.step % self.logging_steps == 0 or state.step == self.total_steps or stopping:
+            self.log_step(state, engine)
 
     def log_step(self, state: Any, engine: Any) -> None:
         """One `step` line (and TensorBoard, status) for the steps since the last one; adds the

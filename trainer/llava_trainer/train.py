@@ -1,8 +1,10 @@
 """`llava-trainer pretrain` and `llava-trainer finetune`: the training loop on DeepSpeed.
 
-Read `train()` top to bottom: set up (precision, tokenizer, model, data, DeepSpeed), resume from
-the newest complete checkpoint, loop over optimizer steps (log, report, checkpoint, honour
-SIGTERM), then save the final checkpoint and export a Hugging Face model directory.
+Read `train()` top to bottom: build the `Trainer` (precision, tokenizer, data and its batch layout,
+model, DeepSpeed, progress log, checkpointer), resume from the newest complete checkpoint, loop
+over optimizer steps (log, honour SIGTERM, checkpoint when due), then save the final checkpoint,
+export a Hugging Face model directory and report. The components decide their own cadence: the
+progress log when to log, the checkpointer when to save.
 """
 
 from __future__ import annotations
@@ -11,7 +13,8 @@ import logging
 import math
 import sys
 import time
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -22,7 +25,7 @@ from . import checkpoint
 from . import model as llava_model
 from .checkpoint import TrainState
 from .config import EXPORT_DIR, PROJECTOR_FILE, TrainConfig, config_to_args
-from .deepspeed_config import BatchSizeError, batch_layout, build_deepspeed_config
+from .deepspeed_config import BatchLayout, BatchSizeError, build_deepspeed_config
 from .distributed import (
     World,
     barrier,
@@ -61,154 +64,189 @@ class TextSide:
 
 
 def train(config: TrainConfig, world: World) -> int:
+    """One stage: build, resume, optimizer steps until done or SIGTERM, then save, export, report."""
     started = time.monotonic()
-    stage = config.stage
-    torch.manual_seed(config.seed)  # same on every rank: the new projector must start identical
-    if world.device_type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True  # LLaVA's --tf32 True
-        torch.backends.cudnn.allow_tf32 = True
+    trainer = Trainer.build(config, world)
+    trainer.resume()
+    with trainer.stop:
+        for epoch, batches in trainer.epochs():
+            while trainer.state.step < trainer.schedule.last_step_of(epoch):
+                trainer.step(batches)
+                stopping = trainer.stop.requested_anywhere(world)  # all ranks stop at the same step
+                trainer.progress.step_done(trainer.state, trainer.engine, stopping=stopping)
+                if stopping:
+                    return trainer.terminate()
+                trainer.checkpointer.save_if_due(trainer.state)
+    trainer.checkpointer.save_final(trainer.state)
+    return trainer.finish(started)
 
-    # --- precision, tokenizer, batch layout, DeepSpeed config -------------------------------
-    precision, why = llava_model.choose_precision(config.precision, world.device_type)
-    text = load_text_side(config)
-    try:
-        layout = batch_layout(config.global_batch_size, config.micro_batch_size, world.world_size)
-    except BatchSizeError as err:
-        raise SystemExit(f"llava-trainer {stage}: {err}") from None
-    llm_config = llava_model.language_model_config(config.resolve(config.language_model))
-    ds_config = build_deepspeed_config(config, layout, precision, llm_config.hidden_size)
 
-    # --- model: assemble, load pretrain's projector, freeze -----------------------------------
-    attn = llava_model.attention_implementation(world.device_type, precision)
-    model = llava_model.build_llava(
-        language_model=config.resolve(config.language_model),
-        vision_tower=config.resolve(config.vision_tower),
-        vocab_size=len(text.tokenizer),
-        image_token_id=text.image_token_id,
-        pad_token_id=text.tokenizer.pad_token_id,
-        precision=precision,
-        device=world.device,
-        zero3_config=ds_config if config.zero_stage == 3 else None,
-        attn_implementation=attn,
-    )
-    shape = LlavaShape.from_config(model.config)
-    if shape.image_tokens != text.num_image_tokens:
-        raise SystemExit(
-            f"llava-trainer: the data pipeline expands <image> into {text.num_image_tokens} tokens but the "
-            f"vision tower {config.vision_tower} yields {shape.image_tokens} per image"
+@dataclass(frozen=True)
+class Schedule:
+    """How many optimizer steps the stage takes, and the warmup."""
+
+    steps_per_epoch: int
+    total_steps: int
+    warmup_steps: int
+
+    @classmethod
+    def plan(cls, config: TrainConfig, micro_batches_per_epoch: int, layout: BatchLayout) -> Schedule:
+        """Steps per epoch = this rank's micro-batches // accumulation; `--max-steps` caps the total."""
+        steps_per_epoch = micro_batches_per_epoch // layout.gradient_accumulation_steps
+        if steps_per_epoch == 0:
+            raise SystemExit(
+                f"llava-trainer: {micro_batches_per_epoch} micro-batches per process per epoch is less than one "
+                f"optimizer step ({layout.gradient_accumulation_steps} micro-batches); lower --global-batch-size"
+            )
+        total_steps = steps_per_epoch * config.epochs
+        if config.max_steps:
+            total_steps = min(total_steps, config.max_steps)
+        return cls(steps_per_epoch, total_steps, math.ceil(config.warmup_ratio * total_steps))
+
+    def last_step_of(self, epoch: int) -> int:
+        return min(self.total_steps, (epoch + 1) * self.steps_per_epoch)
+
+
+@dataclass
+class Trainer:
+    """Everything one stage's loop works with, built once by `build`; `train` reads top-down."""
+
+    config: TrainConfig
+    world: World
+    text: TextSide
+    layout: BatchLayout
+    loader: Any
+    schedule: Schedule
+    engine: Any
+    progress: ProgressLog
+    checkpointer: checkpoint.Checkpointer
+    stop: checkpoint.GracefulStop = field(default_factory=checkpoint.GracefulStop)
+    state: TrainState = field(default_factory=TrainState)
+    resume_position: dict[str, Any] | None = None
+    """The checkpointed loader position, applied to the first epoch the loop enters."""
+
+    @classmethod
+    def build(cls, config: TrainConfig, world: World) -> Trainer:
+        """Precision, tokenizer, data (whose batch layout the engine then follows), model, DeepSpeed,
+        the progress log (its `start` line) and the checkpointer."""
+        torch.manual_seed(config.seed)  # same on every rank: the new projector must start identical
+        if world.device_type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = True  # LLaVA's --tf32 True
+            torch.backends.cudnn.allow_tf32 = True
+        precision, why = llava_model.choose_precision(config.precision, world.device_type)
+        text = load_text_side(config)
+        try:
+            loader = build_loader(config, text, world)
+        except BatchSizeError as err:
+            raise SystemExit(f"llava-trainer {config.stage}: {err}") from None
+        layout: BatchLayout = loader.layout
+        llm_config = llava_model.language_model_config(config.resolve(config.language_model))
+        ds_config = build_deepspeed_config(config, layout, precision, llm_config.hidden_size)
+        model, shape, trainable, attention = build_model(config, text, world, precision, ds_config)
+        schedule = Schedule.plan(config, len(loader), layout)
+        engine = initialize_engine(model, config, ds_config, schedule)
+
+        out = config.stage_output
+        peak, peak_source = resolve_peak_tflops(config.peak_tflops, world.device_name, config.accelerator)
+        progress = ProgressLog(
+            out,
+            config.stage,
+            world,
+            shape,
+            peak,
+            total_steps=schedule.total_steps,
+            steps_per_epoch=schedule.steps_per_epoch,
+            logging_steps=config.logging_steps,
         )
-    if stage == "finetune":
-        llava_model.load_projector(model, config.projector_path)
-    trainable = llava_model.freeze_for_stage(model, stage)
-    if config.gradient_checkpointing:
-        llava_model.enable_gradient_checkpointing(model)
-
-    # --- data and schedule --------------------------------------------------------------------
-    loader = build_loader(config, text, world)
-    steps_per_epoch = len(loader) // layout.gradient_accumulation_steps
-    if steps_per_epoch == 0:
-        raise SystemExit(
-            f"llava-trainer: {len(loader)} micro-batches per process per epoch is less than one optimizer "
-            f"step ({layout.gradient_accumulation_steps} micro-batches); lower --global-batch-size"
+        progress.event(
+            "start",
+            world_size=world.world_size,
+            device=world.device_name,
+            backend=world.backend,
+            precision=precision,
+            precision_note=why,
+            attention=attention,
+            trainable_parameters=trainable,
+            llm_parameters=shape.llm_params,
+            steps_per_epoch=schedule.steps_per_epoch,
+            total_steps=schedule.total_steps,
+            warmup_steps=schedule.warmup_steps,
+            gradient_accumulation_steps=layout.gradient_accumulation_steps,
+            peak_tflops=peak,
+            peak_source=peak_source,
+            deepspeed=ds_config,
         )
-    total_steps = steps_per_epoch * config.epochs
-    if config.max_steps:
-        total_steps = min(total_steps, config.max_steps)
-    warmup_steps = math.ceil(config.warmup_ratio * total_steps)
-
-    # --- DeepSpeed ------------------------------------------------------------------------------
-    import deepspeed
-
-    engine, _, _, _ = deepspeed.initialize(
-        model=model,
-        model_parameters=_parameter_groups(model, config.weight_decay),
-        config=ds_config,
-        lr_scheduler=partial(_lr_schedule, config.lr_scheduler, warmup_steps, total_steps),
-    )
-
-    # --- observability and resume ------------------------------------------------------------------
-    out = config.stage_output
-    peak, peak_source = resolve_peak_tflops(config.peak_tflops, world.device_name, config.accelerator)
-    progress = ProgressLog(out, stage, world, shape, peak, total_steps, steps_per_epoch)
-    progress.event(
-        "start",
-        world_size=world.world_size,
-        device=world.device_name,
-        backend=world.backend,
-        precision=precision,
-        precision_note=why,
-        attention=attn,
-        trainable_parameters=trainable,
-        llm_parameters=shape.llm_params,
-        steps_per_epoch=steps_per_epoch,
-        total_steps=total_steps,
-        warmup_steps=warmup_steps,
-        gradient_accumulation_steps=layout.gradient_accumulation_steps,
-        peak_tflops=peak,
-        peak_source=peak_source,
-        deepspeed=ds_config,
-    )
-    if why:
-        log.warning("%s", why)
-    ckpt_root = out / "checkpoints"
-    state, loader_state, resumed_from = checkpoint.resume(engine, ckpt_root, world)
-    if resumed_from is not None:
-        progress.event("resume", checkpoint=str(resumed_from), step=state.step, epoch=state.epoch)
-    progress.begin(state.step)
-    last_ckpt_seconds: float | None = None
-
-    # --- the loop -----------------------------------------------------------------------------------
-    engine.train()
-    with checkpoint.GracefulStop() as stop:
-        for epoch in range(state.epoch, config.epochs):
-            if state.step >= total_steps:
-                break
-            loader.set_epoch(epoch)
-            if loader_state is not None and state.step % steps_per_epoch:
-                loader.load_state_dict(loader_state)  # mid-epoch resume: continue where it stopped
-            loader_state = None
-            batches = iter(loader)
-            while state.step < min(total_steps, (epoch + 1) * steps_per_epoch):
-                for _ in range(layout.gradient_accumulation_steps):
-                    batch = next(batches, None)
-                    if batch is None:
-                        raise RuntimeError(
-                            f"the data loader ended before the {len(loader)} micro-batches it announced"
-                        )
-                    loss = forward_loss(engine, batch, world, text)
-                    engine.backward(loss)
-                    engine.step()  # DeepSpeed steps optimizer and scheduler at the accumulation boundary
-                    progress.micro_batch(batch, loss)
-                state.step += 1
-                state.epoch = state.step // steps_per_epoch
-
-                terminating = stop.requested_anywhere(world)
-                if state.step % config.logging_steps == 0 or state.step == total_steps or terminating:
-                    progress.log_step(state, engine)
-                if terminating:
-                    return terminate(
-                        engine, ckpt_root, state, loader, world, config, stop, last_ckpt_seconds, progress
-                    )
-                if state.step % config.save_steps == 0 and state.step < total_steps:
-                    _, last_ckpt_seconds = checkpoint.save_checkpoint(
-                        engine, ckpt_root, state, loader.state_dict(), world, config.save_total_limit
-                    )
-
-    # --- the end: final checkpoint, export, results ----------------------------------------------
-    if checkpoint.latest_checkpoint(ckpt_root) != ckpt_root / f"{checkpoint.PREFIX}{state.step}":
-        checkpoint.save_checkpoint(
-            engine, ckpt_root, state, loader.state_dict(), world, config.save_total_limit
+        if why:
+            log.warning("%s", why)
+        checkpointer = checkpoint.Checkpointer(
+            engine,
+            loader,
+            out / "checkpoints",
+            world,
+            save_steps=config.save_steps,
+            keep=config.save_total_limit,
+            total_steps=schedule.total_steps,
         )
-    export_dir, projector = export(engine, config, text, world)
-    stats = getattr(loader, "stats", None)
-    progress.finish(
-        state,
-        data=stats.as_dict() if hasattr(stats, "as_dict") else None,
-        checkpoint=str(export_dir),
-        projector=str(projector) if projector else None,
-        duration_seconds=round(time.monotonic() - started, 1),
-    )
-    return 0
+        return cls(config, world, text, layout, loader, schedule, engine, progress, checkpointer)
+
+    def resume(self) -> None:
+        """Continue from the newest complete checkpoint, if any (weights, optimizer, RNG, data)."""
+        self.state, self.resume_position, path = self.checkpointer.resume()
+        if path is not None:
+            self.progress.event("resume", checkpoint=str(path), step=self.state.step, epoch=self.state.epoch)
+        self.progress.begin(self.state.step)
+
+    def epochs(self) -> Iterator[tuple[int, Iterator[dict[str, Any]]]]:
+        """(epoch, this rank's micro-batches) for each epoch with steps left; after a mid-epoch
+        resume the first one continues where the checkpointed loader stopped."""
+        for epoch in range(self.state.epoch, self.config.epochs):
+            if self.state.step >= self.schedule.total_steps:
+                return
+            self.loader.set_epoch(epoch)
+            if self.resume_position is not None and self.state.step % self.schedule.steps_per_epoch:
+                self.loader.load_state_dict(self.resume_position)
+            self.resume_position = None
+            yield epoch, iter(self.loader)
+
+    def step(self, batches: Iterator[dict[str, Any]]) -> None:
+        """One optimizer step: forward and backward over `gradient_accumulation_steps` micro-batches
+        (DeepSpeed steps the optimizer and the scheduler at the accumulation boundary)."""
+        for _ in range(self.layout.gradient_accumulation_steps):
+            batch = next(batches, None)
+            if batch is None:
+                raise RuntimeError(
+                    f"the data loader ended before the {len(self.loader)} micro-batches it announced"
+                )
+            loss = forward_loss(self.engine, batch, self.world, self.text)
+            self.engine.backward(loss)
+            self.engine.step()
+            self.progress.micro_batch(batch, loss)
+        self.state.step += 1
+        self.state.epoch = self.state.step // self.schedule.steps_per_epoch
+
+    def terminate(self) -> int:
+        """After SIGTERM: save if it fits in what is left of the grace period, then exit 143 (the
+        operator retries the stage, which resumes)."""
+        left = self.stop.seconds_left(self.world)
+        saved = self.checkpointer.save_before_exit(self.state, left)
+        self.progress.event(
+            "terminated", step=self.state.step, checkpoint_saved=saved, grace_seconds_left=round(left, 1)
+        )
+        self.progress.close()
+        return EXIT_TERMINATED
+
+    def finish(self, started: float) -> int:
+        """Export the model (and pretrain's projector) and report the stage's results."""
+        export_dir, projector = export(self.engine, self.config, self.text, self.world)
+        stats = getattr(self.loader, "stats", None)
+        self.progress.finish(
+            self.state,
+            data=stats.as_dict() if hasattr(stats, "as_dict") else None,
+            checkpoint=str(export_dir),
+            projector=str(projector) if projector else None,
+            duration_seconds=round(time.monotonic() - started, 1),
+        )
+        return 0
 
 
 # --- the pieces the loop names ------------------------------------------------------------------
@@ -228,7 +266,8 @@ def load_text_side(config: TrainConfig) -> TextSide:
 
 
 def build_loader(config: TrainConfig, text: TextSide, world: World) -> Any:
-    """This rank's micro-batches (llava_trainer.data)."""
+    """This rank's micro-batches (llava_trainer.data), built for the run's batch layout, which it
+    validates and exposes as `.layout` (BatchSizeError when the global batch does not split)."""
     from .data import build_train_loader
 
     return build_train_loader(
@@ -240,6 +279,53 @@ def build_loader(config: TrainConfig, text: TextSide, world: World) -> Any:
         num_image_tokens=text.num_image_tokens,
         image_token_id=text.image_token_id,
     )
+
+
+def build_model(
+    config: TrainConfig, text: TextSide, world: World, precision: str, ds_config: dict[str, Any]
+) -> tuple[torch.nn.Module, LlavaShape, dict[str, int], str]:
+    """The LLaVA model assembled for this stage (finetune: with pretrain's projector), frozen as
+    the stage says; its FLOP shape, trainable parameter counts and attention implementation."""
+    attention = llava_model.attention_implementation(world.device_type, precision)
+    model = llava_model.build_llava(
+        language_model=config.resolve(config.language_model),
+        vision_tower=config.resolve(config.vision_tower),
+        vocab_size=len(text.tokenizer),
+        image_token_id=text.image_token_id,
+        pad_token_id=text.tokenizer.pad_token_id,
+        precision=precision,
+        device=world.device,
+        zero3_config=ds_config if config.zero_stage == 3 else None,
+        attn_implementation=attention,
+    )
+    shape = LlavaShape.from_config(model.config)
+    if shape.image_tokens != text.num_image_tokens:
+        raise SystemExit(
+            f"llava-trainer: the data pipeline expands <image> into {text.num_image_tokens} tokens but the "
+            f"vision tower {config.vision_tower} yields {shape.image_tokens} per image"
+        )
+    if config.stage == "finetune":
+        llava_model.load_projector(model, config.projector_path)
+    trainable = llava_model.freeze_for_stage(model, config.stage)
+    if config.gradient_checkpointing:
+        llava_model.enable_gradient_checkpointing(model)
+    return model, shape, trainable, attention
+
+
+def initialize_engine(
+    model: torch.nn.Module, config: TrainConfig, ds_config: dict[str, Any], schedule: Schedule
+) -> Any:
+    """The DeepSpeed engine: AdamW over the trainable parameters, HF's LR schedule, training mode."""
+    import deepspeed
+
+    engine, _, _, _ = deepspeed.initialize(
+        model=model,
+        model_parameters=_parameter_groups(model, config.weight_decay),
+        config=ds_config,
+        lr_scheduler=partial(_lr_schedule, config.lr_scheduler, schedule.warmup_steps, schedule.total_steps),
+    )
+    engine.train()
+    return engine
 
 
 def forward_loss(engine: Any, batch: dict[str, Any], world: World, text: TextSide) -> torch.Tensor:
@@ -302,31 +388,6 @@ def _lr_schedule(kind: str, warmup_steps: int, total_steps: int, optimizer: torc
 
     name = "constant_with_warmup" if kind == "constant" else kind
     return get_scheduler(name, optimizer, num_warmup_steps=warmup_steps, num_training_steps=total_steps)
-
-
-def terminate(
-    engine: Any,
-    ckpt_root: Path,
-    state: TrainState,
-    loader: Any,
-    world: World,
-    config: TrainConfig,
-    stop: checkpoint.GracefulStop,
-    last_ckpt_seconds: float | None,
-    progress: ProgressLog,
-) -> int:
-    """After SIGTERM: save if the last checkpoint's duration says another fits in what is left of
-    the grace period, then exit 143 (the operator retries the stage, which resumes)."""
-    left = stop.seconds_left(world)
-    saved = checkpoint.latest_checkpoint(ckpt_root) == ckpt_root / f"{checkpoint.PREFIX}{state.step}"
-    if not saved and checkpoint.checkpoint_fits(last_ckpt_seconds, left):
-        checkpoint.save_checkpoint(
-            engine, ckpt_root, state, loader.state_dict(), world, config.save_total_limit
-        )
-        saved = True
-    progress.event("terminated", step=state.step, checkpoint_saved=saved, grace_seconds_left=round(left, 1))
-    progress.close()
-    return EXIT_TERMINATED
 
 
 def _setup_logging(world: World) -> None:

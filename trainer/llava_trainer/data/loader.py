@@ -8,9 +8,10 @@ image_token_id=)` returns a `TrainLoader`: iterable over this rank's micro-batch
     num_samples, num_real_tokens (non-pad, image tokens included), num_padded_tokens (B*T),
     num_images (python ints),
 
-with `len()` = micro-batches per epoch on this rank, `set_epoch(epoch)`, `state_dict()` /
-`load_state_dict()` for mid-epoch resume, and `stats` (skipped samples by reason, tokenization
-mismatches, truncated samples). Workers read records by offset and build whole micro-batches, so
+with `len()` = micro-batches per epoch on this rank, `layout` (the run's BatchLayout: micro batch,
+gradient accumulation, world size), `set_epoch(epoch)`, `state_dict()` / `load_state_dict()` for
+mid-epoch resume, and `stats` (skipped samples by reason, tokenization mismatches, truncated
+samples). Workers read records by offset and build whole micro-batches, so
 the main process only receives tensors.
 """
 
@@ -26,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from ..config import TrainConfig
+from ..deepspeed_config import BatchLayout, batch_layout
 from ..tokenizer import tokenizer_fingerprint
 from .collate import collate
 from .dataset import LlavaDataset
@@ -96,12 +98,13 @@ class TrainLoader:
         self,
         dataset: LlavaDataset,
         sampler: MicroBatchSampler,
+        layout: BatchLayout,
         *,
         pad_token_id: int,
         num_workers: int = 0,
         stats: DataStats | None = None,
     ) -> None:
-        self.dataset, self.sampler = dataset, sampler
+        self.dataset, self.sampler, self.layout = dataset, sampler, layout
         self.pad_token_id, self.num_workers = pad_token_id, num_workers
         self.stats = stats or DataStats(records=len(dataset))
         self.epoch, self.position, self.samples_consumed = 0, 0, 0
@@ -209,7 +212,12 @@ def build_train_loader(
     num_image_tokens: int,
     image_token_id: int,
 ) -> TrainLoader:
-    """The loader for a pretrain/finetune config (see the module docstring for the batch contract)."""
+    """The loader for a pretrain/finetune config (see the module docstring for the batch contract).
+
+    Its `layout` is the run's one BatchLayout (raises BatchSizeError when the global batch does not
+    split into micro-batches over `world_size` processes); the training loop configures DeepSpeed
+    from the same object."""
+    layout = batch_layout(config.global_batch_size, config.micro_batch_size, world_size)
     data_path = config.resolve(config.data_path)
     image_folder = config.resolve(config.image_folder)
     if not data_path.is_file():
@@ -249,15 +257,14 @@ def build_train_loader(
         tokens=index.tokens,
         mismatch=(index.flags & FLAG_MISMATCH) != 0,
     )
-    accumulation = max(1, config.global_batch_size // (config.micro_batch_size * world_size))
     sampler = MicroBatchSampler(
         index.lengths(num_image_tokens),
         is_image,
         np.flatnonzero(~excluded),
-        micro_batch_size=config.micro_batch_size,
-        megabatch_size=config.micro_batch_size * world_size * accumulation,
+        micro_batch_size=layout.micro_batch_size,
+        megabatch_size=layout.global_batch_size,  # one optimizer step of all ranks
         rank=rank,
-        world_size=world_size,
+        world_size=layout.world_size,
         seed=config.seed,
         group_by_length=config.group_by_modality_length,
     )
@@ -267,6 +274,7 @@ def build_train_loader(
     return TrainLoader(
         dataset,
         sampler,
+        layout,
         pad_token_id=tokenizer.pad_token_id,
         num_workers=config.dataloader_workers,
         stats=stats,
