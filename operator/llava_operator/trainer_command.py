@@ -19,30 +19,8 @@ from llava_trainer.config import (
 )
 
 from .api import LlavaRunSpec, Stage
+from .api.stage_params import STAGE_PARAMS
 from .naming import job_name
-
-_TRAINING_FIELDS = (
-    "learning_rate",
-    "global_batch_size",
-    "micro_batch_size",
-    "epochs",
-    "max_steps",
-    "max_length",
-    "warmup_ratio",
-    "weight_decay",
-    "lr_scheduler",
-    "precision",
-    "zero_stage",
-    "gradient_checkpointing",
-    "save_steps",
-    "save_total_limit",
-    "logging_steps",
-    "dataloader_workers",
-    "seed",
-    "image_aspect_ratio",
-    "group_by_modality_length",
-    "bad_images",
-)
 
 
 def data_dir(spec: LlavaRunSpec) -> PurePosixPath:
@@ -65,14 +43,11 @@ def stage_config(spec: LlavaRunSpec, stage: Stage, *, data_dir_override: str | N
     if data_dir_override:  # local runs: outputs live under the local data_dir
         out = str(PurePosixPath(data_dir_override) / spec.paths.output / OUTPUT_DIRS[stage.value])
     paths = spec.paths
-    common = {
-        "data_dir": root,
-        "output_dir": out,
-    }
+    # The stage contract's fields, exactly as the user set them (or the recipe's defaults).
+    params = spec.stage_config(stage).model_dump(include=set(STAGE_PARAMS[stage.value].model_fields))
+    common = {"data_dir": root, "output_dir": out, **params}
     models = {"language_model": paths.language_model, "vision_tower": paths.vision_tower}
     if stage is Stage.PREPARE:
-        prep = spec.prepare
-        later = [s.value for s in spec.stages if s is not Stage.PREPARE]
         return PrepareConfig(
             **common,
             **models,
@@ -81,51 +56,22 @@ def stage_config(spec: LlavaRunSpec, stage: Stage, *, data_dir_override: str | N
             finetune_data=paths.finetune_data,
             finetune_images=paths.finetune_images,
             mmmu_dir=paths.mmmu,
-            stages=later,
+            stages=[s.value for s in spec.stages if s is not Stage.PREPARE],
             max_length=max(spec.pretrain.max_length, spec.finetune.max_length),
-            max_listed=prep.max_listed,
-            check_images=prep.check_images,
-            measure_lengths=prep.measure_lengths,
+            pretrain_bad_images=spec.pretrain.bad_images,
+            finetune_bad_images=spec.finetune.bad_images,
         )
     if stage is Stage.EVALUATE:
-        ev = spec.evaluate
-        return EvaluateConfig(
-            **common,
-            model_path=ev.model_path,
-            mmmu_dir=paths.mmmu,
-            split=ev.split,
-            subjects=list(ev.subjects),
-            images=ev.images,
-            max_new_tokens=ev.max_new_tokens,
-            num_beams=ev.num_beams,
-            do_sample=ev.do_sample,
-            temperature=ev.temperature,
-            batch_size=ev.batch_size,
-            seed=ev.seed,
-            precision=ev.precision,
-        )
-    hp = spec.pretrain if stage is Stage.PRETRAIN else spec.finetune
-    values = {name: getattr(hp, name) for name in _TRAINING_FIELDS}
+        return EvaluateConfig(**common, mmmu_dir=paths.mmmu)
     # MFU's denominator: a stated peak wins; otherwise the trainer looks its device up in the
     # profiles' table and falls back to this profile's default (llava_operator.api.profiles).
     peak = {"peak_tflops": spec.accelerator.peak_tflops or 0.0, "accelerator": spec.accelerator.profile}
     if stage is Stage.PRETRAIN:
         return PretrainConfig(
-            **common,
-            **models,
-            **values,
-            **peak,
-            data_path=paths.pretrain_data,
-            image_folder=paths.pretrain_images,
+            **common, **models, **peak, data_path=paths.pretrain_data, image_folder=paths.pretrain_images
         )
     return FinetuneConfig(
-        **common,
-        **models,
-        **values,
-        **peak,
-        data_path=paths.finetune_data,
-        image_folder=paths.finetune_images,
-        pretrained_projector=spec.finetune.pretrained_projector,
+        **common, **models, **peak, data_path=paths.finetune_data, image_folder=paths.finetune_images
     )
 
 

@@ -50,7 +50,7 @@ def test_recipe_defaults_are_in_the_schema():
     pretrain = spec["properties"]["pretrain"]["properties"]
     finetune = spec["properties"]["finetune"]["properties"]
     assert pretrain["learningRate"]["default"] == 1e-3 and pretrain["globalBatchSize"]["default"] == 256
-    assert pretrain["zeroStage"]["default"] == 2 and pretrain["template"]["default"] == "plain"
+    assert pretrain["zeroStage"]["default"] == 2 and "template" not in pretrain  # fixed per stage
     assert finetune["learningRate"]["default"] == 2e-5 and finetune["globalBatchSize"]["default"] == 128
     assert finetune["zeroStage"]["default"] == 3 and finetune["imageAspectRatio"]["default"] == "pad"
     assert spec["properties"]["stages"]["default"] == ["prepare", "pretrain", "finetune", "evaluate"]

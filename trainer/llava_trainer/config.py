@@ -1,9 +1,12 @@
 """Typed configuration of each `llava-trainer` subcommand, parsed from command-line flags.
 
-The flags are the contract with the operator: the PyTorchJob renderer writes them
-into the container args, this module parses them back. Flag names are the field names in
-kebab-case; every value is explicit (`--gradient-checkpointing true`), so a rendered command
-round-trips exactly. Importing this module must stay cheap: no torch.
+The flags are the contract with the operator: the renderer writes them into the container args,
+this module parses them back. Each stage's hyperparameters are the stage contract
+(`llava_operator.api.stage_params`, shared with the LlavaRun API, so names, bounds and defaults
+are defined once); the classes here add what the operator derives from the rest of the run
+(data paths, the accelerator) and what only a direct command line uses. Flag names are the field
+names in kebab-case; every value is explicit (`--gradient-checkpointing true`), so a rendered
+command round-trips exactly. Importing this module must stay cheap: no torch.
 """
 
 from __future__ import annotations
@@ -15,9 +18,17 @@ from pathlib import Path
 from types import UnionType
 from typing import Any, Literal, get_args, get_origin
 
-from llava_operator.api.mmmu import SUBJECTS
 from llava_operator.api.profiles import AcceleratorProfileName
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from llava_operator.api.spec import Paths
+from llava_operator.api.stage_params import (
+    BadImages,
+    EvaluateParams,
+    FinetuneParams,
+    PrepareParams,
+    PretrainParams,
+    TrainingParams,
+)
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 OUTPUT_DIRS = {
     "prepare": "prepare",
@@ -31,23 +42,23 @@ INDEX_FILE = "index.json"
 PROJECTOR_FILE = "mm_projector.bin"
 EXPORT_DIR = "model"
 """The final Hugging Face model directory inside a training stage's output directory."""
-BadImages = Literal["error", "skip"]
-"""What a training stage does with a missing, corrupt or too large image: stop, or skip and count it."""
-BAD_IMAGES_DEFAULT: BadImages = "error"
+LAYOUT = Paths()
+"""The data_dir layout's defaults (the FlagPerf llava1.5 case), as the LlavaRun API defines them."""
+BAD_IMAGES_DEFAULT: BadImages = TrainingParams.model_fields["bad_images"].default
 
 
 class StageConfig(BaseModel):
     """Flags every subcommand takes."""
 
-    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+    # Errors name the snake_case field (the flag), not the API's camelCase alias.
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, loc_by_alias=False)
 
     data_dir: Path
     """The data_dir root; relative paths below resolve against it."""
     output_dir: Path | None = None
     """Where this stage writes; default: <data-dir>/Output/<stage directory>."""
-    seed: int = 42
 
-    stage: str = ""  # set by the subclass; not a flag
+    stage: str = Field("", exclude=True)  # set by the subclass; not a flag
 
     def resolve(self, path: str | Path | None) -> Path | None:
         """A path flag as an absolute path: relative ones are relative to the data_dir."""
@@ -61,7 +72,7 @@ class StageConfig(BaseModel):
         """The Output/ root shared by all stages of a run."""
         if self.output_dir is not None:
             return self.output_dir.parent
-        return self.data_dir / "Output"
+        return self.data_dir / LAYOUT.output
 
     @property
     def stage_output(self) -> Path:
@@ -73,23 +84,21 @@ class StageConfig(BaseModel):
 
 
 class ModelPaths(StageConfig):
-    language_model: str = "LLaVA-Pretrain/checkpoints/vicuna-13b-v1.5"
-    vision_tower: str = "LLaVA-Pretrain/checkpoints/clip-vit-large-patch14-336"
+    language_model: str = LAYOUT.language_model
+    vision_tower: str = LAYOUT.vision_tower
 
 
-class PrepareConfig(ModelPaths):
+class PrepareConfig(PrepareParams, ModelPaths):
     stage: str = Field("prepare", exclude=True)
-    pretrain_data: str = "LLaVA-Pretrain/blip_laion_cc_sbu_558k.json"
-    pretrain_images: str = "LLaVA-Pretrain/images"
-    finetune_data: str = "LLaVA-Finetune/llava_v1_5_mix665k.json"
-    finetune_images: str = "LLaVA-Finetune/data"
-    mmmu_dir: str = "MMMU/MMMU"
+    pretrain_data: str = LAYOUT.pretrain_data
+    pretrain_images: str = LAYOUT.pretrain_images
+    finetune_data: str = LAYOUT.finetune_data
+    finetune_images: str = LAYOUT.finetune_images
+    mmmu_dir: str = LAYOUT.mmmu
     stages: list[Literal["pretrain", "finetune", "evaluate"]] = ["pretrain", "finetune", "evaluate"]
     """Which later stages' inputs to verify."""
-    max_length: int = 2048
-    max_listed: int = 20
-    check_images: Literal["all", "exists", "none"] = "all"
-    measure_lengths: bool = True
+    max_length: int = TrainingParams.model_fields["max_length"].default
+    """The longest max_length of the run's training stages (token lengths are measured up to it)."""
     workers: int = 0
     """Processes for image checks and tokenization (0: one per CPU core)."""
     pretrain_bad_images: BadImages = BAD_IMAGES_DEFAULT
@@ -98,31 +107,13 @@ class PrepareConfig(ModelPaths):
     """The finetune stage's bad_images (see pretrain_bad_images)."""
 
 
-class TrainConfig(ModelPaths):
-    """pretrain and finetune."""
+class TrainConfig(TrainingParams, ModelPaths):
+    """pretrain and finetune: the stage contract plus the run's data paths and accelerator."""
 
     data_path: str
     image_folder: str
     template: Literal["plain", "vicuna_v1"]
-    learning_rate: float = Field(gt=0)
-    global_batch_size: int = Field(ge=1)
-    micro_batch_size: int = Field(ge=1)
-    epochs: int = Field(1, ge=1)
-    max_steps: int = Field(0, ge=0)
-    max_length: int = 2048
-    warmup_ratio: float = 0.03
-    weight_decay: float = 0.0
-    lr_scheduler: Literal["cosine", "linear", "constant"] = "cosine"
-    precision: Literal["bf16", "fp16", "fp32"] = "bf16"
-    zero_stage: int = Field(ge=0, le=3)
-    gradient_checkpointing: bool = True
-    save_steps: int = Field(500, ge=1)
-    save_total_limit: int = Field(1, ge=1)
-    logging_steps: int = Field(1, ge=1)
-    dataloader_workers: int = Field(4, ge=0)
-    image_aspect_ratio: Literal["square", "pad"]
-    group_by_modality_length: bool
-    bad_images: BadImages = BAD_IMAGES_DEFAULT
+    """The conversation template; fixed per stage (plain for pretrain, vicuna_v1 for finetune)."""
     peak_tflops: float = Field(0.0, ge=0)
     """Stated per-device peak for MFU; 0: LLAVARUN_PEAK_TFLOPS, else the device's row in the
     accelerator table, else the --accelerator profile's default."""
@@ -130,68 +121,35 @@ class TrainConfig(ModelPaths):
     """The run's accelerator profile, whose default peak counts when the device is not in the table."""
 
 
-class PretrainConfig(TrainConfig):
+class PretrainConfig(PretrainParams, TrainConfig):
     stage: str = Field("pretrain", exclude=True)
-    data_path: str = "LLaVA-Pretrain/blip_laion_cc_sbu_558k.json"
-    image_folder: str = "LLaVA-Pretrain/images"
+    data_path: str = LAYOUT.pretrain_data
+    image_folder: str = LAYOUT.pretrain_images
     template: Literal["plain"] = "plain"
-    learning_rate: float = Field(1e-3, gt=0)
-    global_batch_size: int = Field(256, ge=1)
-    micro_batch_size: int = Field(32, ge=1)
-    zero_stage: int = Field(2, ge=0, le=3)
-    image_aspect_ratio: Literal["square", "pad"] = "square"
-    group_by_modality_length: bool = False
 
 
-class FinetuneConfig(TrainConfig):
+class FinetuneConfig(FinetuneParams, TrainConfig):
     stage: str = Field("finetune", exclude=True)
-    data_path: str = "LLaVA-Finetune/llava_v1_5_mix665k.json"
-    image_folder: str = "LLaVA-Finetune/data"
+    data_path: str = LAYOUT.finetune_data
+    image_folder: str = LAYOUT.finetune_images
     template: Literal["vicuna_v1"] = "vicuna_v1"
-    learning_rate: float = Field(2e-5, gt=0)
-    global_batch_size: int = Field(128, ge=1)
-    micro_batch_size: int = Field(16, ge=1)
-    zero_stage: int = Field(3, ge=0, le=3)
-    image_aspect_ratio: Literal["square", "pad"] = "pad"
-    group_by_modality_length: bool = True
-    pretrained_projector: str | None = None
-    """Default: <output root>/checkpoints_pretrain/mm_projector.bin."""
 
     @property
     def projector_path(self) -> Path:
+        """Default: <output root>/checkpoints_pretrain/mm_projector.bin."""
         explicit = self.resolve(self.pretrained_projector)
         return explicit or self.output_root / OUTPUT_DIRS["pretrain"] / PROJECTOR_FILE
 
 
-class EvaluateConfig(StageConfig):
+class EvaluateConfig(EvaluateParams, StageConfig):
     stage: str = Field("evaluate", exclude=True)
-    model_path: str | None = None
-    """Default: <output root>/checkpoints_finetune/model."""
-    mmmu_dir: str = "MMMU/MMMU"
-    split: Literal["dev", "validation", "test"] = "validation"
-    subjects: list[str] = []
-    """Empty: all 30."""
-    max_new_tokens: int = Field(128, ge=1)
-    num_beams: int = Field(1, ge=1)
-    do_sample: bool = False
-    temperature: float = Field(1.0, gt=0)
-    batch_size: int = Field(8, ge=1)
-    precision: Literal["bf16", "fp16", "fp32"] = "bf16"
-    images: Literal["first", "referenced"] = "first"
-    """Images shown per question: image_1 only (official MMMU protocol) or every <image N> referenced."""
+    mmmu_dir: str = LAYOUT.mmmu
     responses: Path | None = None
     """Score this {question_id: response} JSON file instead of generating (no model needed)."""
 
-    @field_validator("subjects")
-    @classmethod
-    def _known_subjects(cls, subjects: list[str]) -> list[str]:
-        unknown = sorted(set(subjects) - set(SUBJECTS))
-        if unknown:
-            raise ValueError(f"unknown MMMU subjects {unknown}; allowed: {', '.join(SUBJECTS)}")
-        return subjects
-
     @property
     def model_dir(self) -> Path:
+        """Default: <output root>/checkpoints_finetune/model."""
         explicit = self.resolve(self.model_path)
         return explicit or self.output_root / OUTPUT_DIRS["finetune"] / EXPORT_DIR
 
