@@ -78,9 +78,9 @@ def test_image_tag_moves_to_the_start_of_its_turn():
     assert turns[0] == ("human", "<image>\nWhat is this?")
 
 
-def test_image_sample_without_a_tag_gets_one_in_the_first_human_turn():
-    turns = prepare_turns([("human", "What is this?"), ("gpt", "A cat.")], 1)
-    assert turns[0] == ("human", "<image>\nWhat is this?")
+def test_image_sample_without_a_tag_is_malformed():
+    with pytest.raises(SkipSample, match="0 <image> tags for 1 images"):
+        prepare_turns([("human", "What is this?"), ("gpt", "A cat.")], 1)
 
 
 @pytest.mark.parametrize(

@@ -69,11 +69,9 @@ def move_image_to_front(text: str) -> str:
 
 
 def prepare_turns(turns: Sequence[tuple[str, str]], num_images: int) -> list[tuple[str, str]]:
-    """Place the `<image>` tags as LLaVA does and check there is exactly one per image.
-
-    An image sample without any tag gets one at the start of its first human turn (the image is
-    clearly meant to be seen); a text-only sample must not contain the tag, since `<image>` is a
-    token id of its own here, not text.
+    """Move each `<image>` tag to the front of its turn, as LLaVA does, and check there is exactly
+    one per image: a sample whose tags do not match its images (none at all included: LLaVA would
+    silently train on text alone) is malformed, as the record reader already says of such records.
     """
     if num_images == 0:
         if any(IMAGE_TOKEN in text for _, text in turns):
@@ -81,13 +79,6 @@ def prepare_turns(turns: Sequence[tuple[str, str]], num_images: int) -> list[tup
         return list(turns)
     turns = [(role, move_image_to_front(text)) for role, text in turns]
     tags = sum(text.count(IMAGE_TOKEN) for _, text in turns)
-    if tags == 0:
-        first_human = next((i for i, (role, _) in enumerate(turns) if role == "human"), None)
-        if first_human is None:
-            raise SkipSample("malformed", "an image sample without a human turn")
-        role, text = turns[first_human]
-        turns[first_human] = (role, move_image_to_front(IMAGE_TOKEN + text))
-        tags = 1
     if tags != num_images:
         raise SkipSample("malformed", f"{tags} {IMAGE_TOKEN} tags for {num_images} images")
     return turns
