@@ -1,9 +1,12 @@
-"""`llavarun local FILE [--data-dir DIR]`."""
+"""`llavarun local FILE --data-dir DIR`: checks, then the stages, then the report.
+
+Everything a person reads goes to stdout (so `| tee` keeps it); a refusal goes to stderr.
+Exit status: 0 succeeded, 1 failed, 2 refused before starting, 128 + N stopped by signal N.
+"""
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -11,9 +14,12 @@ from rich.console import Console
 
 from .. import yamlio
 from ..validate import load_run
-from .progress import ProgressView
+from .preflight import Refused, preflight
+from .progress import LineDisplay, LiveDisplay, ProgressView
 from .report import write_report
-from .runner import INTERRUPTED_EXIT, LocalRun
+from .runner import LocalRun
+
+REFUSED_EXIT = 2
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -28,7 +34,21 @@ def build_parser() -> argparse.ArgumentParser:
         required=True,
         help="the data_dir (FlagPerf llava1.5 layout; `llava-trainer synth --out DIR` makes a tiny one)",
     )
-    parser.add_argument("--plain", action="store_true", help="no live table, just the trainer's log lines")
+    parser.add_argument(
+        "--plain", action="store_true", help="no live table: progress lines plus every trainer log line"
+    )
+    parser.add_argument(
+        "--progress-seconds",
+        type=float,
+        default=30.0,
+        metavar="S",
+        help="without a live table (not a terminal, or --plain): a progress line every S seconds (default 30)",
+    )
+    parser.add_argument(
+        "--oversubscribe",
+        action="store_true",
+        help="start a stage even if it has more processes than this machine has CPU cores",
+    )
     return parser
 
 
@@ -39,19 +59,31 @@ def main(argv: list[str] | None = None) -> int:
         raise ValueError(f"{args.file}: expected one LlavaRun, found {len(docs)} documents")
     run = load_run(docs[0])
     data_dir = args.data_dir.resolve()
-    if not data_dir.is_dir():
-        raise ValueError(f"--data-dir {data_dir} is not a directory")
-    console = Console(stderr=True)
-    view = ProgressView(console=console)
-    local = LocalRun(run, data_dir, on_line=view.on_line, on_tick=view.on_tick)
-    console.print(f"llavarun local: {run.name}: stages {', '.join(s.value for s in run.spec.stages)}")
-    console.print(f"status file: {local.status.path}")
+    try:
+        preflight(run, data_dir, oversubscribe=args.oversubscribe)
+    except Refused as refused:
+        print(f"llavarun local: LlavaRun {run.name} cannot start on this machine:", file=sys.stderr)
+        for problem in refused.problems:
+            print("\n".join(f"  {line}" for line in problem.splitlines()), file=sys.stderr)
+        return REFUSED_EXIT
+
+    console = Console(file=sys.stdout, highlight=False, markup=False, soft_wrap=True)
+    view = ProgressView()
+    live = console.is_terminal and not args.plain
+    display = LiveDisplay(view, console) if live else LineDisplay(view, console, args.progress_seconds)
+    local = LocalRun(run, data_dir, on_line=view.on_line, on_tick=display.on_tick, on_event=display.on_event)
     if args.plain:
-        local.on_line = lambda stage, line: (view.on_line(stage, line), print(f"[{stage.value}] {line}"))
+        local.on_line = lambda stage, line: (
+            view.on_line(stage, line),
+            console.out(f"[{stage.value}] {line}"),
+        )
+    console.print(
+        f"llavarun local: LlavaRun {run.name}: stages {', '.join(s.value for s in run.spec.stages)}"
+    )
+    console.print(f"status file: {local.status.path}")
+    with display:
         code = local.execute()
-    else:
-        with view:
-            code = local.execute()
+    display.finish()
     status = local.status.read()
     report = write_report(
         local.output_root / "report",
@@ -62,12 +94,11 @@ def main(argv: list[str] | None = None) -> int:
         view.history,
     )
     if code == 0:
-        console.print(f"[green]LlavaRun {run.name} succeeded[/]")
-    elif code == INTERRUPTED_EXIT:
-        console.print("[yellow]interrupted; rerun the same command to resume[/]")
+        console.print(f"LlavaRun {run.name} succeeded")
+    elif code > 128:
+        console.print(f"LlavaRun {run.name} stopped (signal {code - 128}); rerun the same command to resume")
     else:
         failed = next((c for c in status.get("conditions", []) if c["type"] == "Failed"), {})
-        console.print(f"[red]LlavaRun {run.name} failed: {failed.get('message', '')}[/]")
+        console.print(f"LlavaRun {run.name} failed: {failed.get('message', '')}")
     console.print(f"report: {report}")
-    print(json.dumps({"phase": status.get("phase"), "report": str(report)}), file=sys.stdout)
     return code

@@ -1,4 +1,10 @@
-"""Live progress of a local run: stage, step/total, loss, samples/s, ETA (rich)."""
+"""Progress of a local run: stage, step/total, loss, samples/s, ETA.
+
+One view of the trainer's JSON log lines, shown two ways: a live table on a terminal, plain
+timestamped lines elsewhere (CI logs, `| tee`), where a redrawn table would print nothing until
+the end. Both print the run's events (stage started, succeeded, retried ...) as they happen and
+the final table once. The console is expected to print text as is (no markup, no wrapping).
+"""
 
 from __future__ import annotations
 
@@ -12,6 +18,8 @@ from rich.live import Live
 from rich.table import Table
 
 from ..api import Stage
+
+COLUMNS = ("stage", "step", "loss", "samples/s", "tokens/s", "elapsed", "ETA")
 
 
 def parse_log_line(line: str) -> dict[str, Any] | None:
@@ -31,56 +39,122 @@ def _fmt(value: Any, spec: str = ".4g") -> str:
 
 @dataclass
 class ProgressView:
-    """Keeps the latest metrics per stage and the loss history for the report."""
+    """The latest metrics per stage and the loss history (for the report)."""
 
-    console: Console = field(default_factory=Console)
     history: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
     latest: dict[str, dict[str, Any]] = field(default_factory=dict)
     started: dict[str, float] = field(default_factory=dict)
-    _live: Live | None = None
+    ended: dict[str, float] = field(default_factory=dict)
+    current: str | None = None
+    """The stage running now."""
 
-    def __enter__(self) -> ProgressView:
-        self._live = Live(self.table(), console=self.console, refresh_per_second=4, transient=False)
-        self._live.__enter__()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self._live is not None:
-            self._live.update(self.table())
-            self._live.__exit__(*exc)
+    def running(self, stage: Stage) -> None:
+        now = time.monotonic()
+        if self.current not in (None, stage.value):
+            self.ended[self.current] = now
+        self.started.setdefault(stage.value, now)
+        self.ended.pop(stage.value, None)
+        self.current = stage.value
 
     def on_line(self, stage: Stage, line: str) -> None:
-        self.started.setdefault(stage.value, time.monotonic())
+        self.running(stage)
         record = parse_log_line(line)
         if record is None:
-            if line.startswith(("Traceback", "llava-trainer:", "ERROR", "Error")):
-                self.console.print(f"[red]{stage.value}[/]: {line}")
             return
         self.latest.setdefault(stage.value, {}).update(record)
         if record.get("step") is not None and record.get("loss") is not None:
             self.history.setdefault(stage.value, []).append((int(record["step"]), float(record["loss"])))
 
-    def on_tick(self) -> None:
-        if self._live is not None:
-            self._live.update(self.table())
+    def row(self, stage: str) -> tuple[str, ...]:
+        data = self.latest.get(stage, {})
+        step, total = data.get("step"), data.get("total_steps") or data.get("totalSteps")
+        now = time.monotonic()
+        elapsed = self.ended.get(stage, now) - self.started.get(stage, now)
+        eta = elapsed / step * max(0, total - step) if step and total else None
+        return (
+            stage,
+            f"{step}/{total}" if step is not None and total else _fmt(step, ""),
+            _fmt(data.get("loss")),
+            _fmt(data.get("samples_per_second") or data.get("samplesPerSecond"), ".3g"),
+            _fmt(data.get("tokens_per_second") or data.get("tokensPerSecond"), ".4g"),
+            f"{elapsed:.0f}s",
+            "-" if eta is None else f"{eta:.0f}s",
+        )
+
+    def line(self, stage: str) -> str:
+        """One stage's row as `[stage] step 3/12 loss 4.1 ...`."""
+        _, *values = self.row(stage)
+        return f"[{stage}] " + " ".join(f"{c} {v}" for c, v in zip(COLUMNS[1:], values, strict=True))
 
     def table(self) -> Table:
         table = Table(title="llavarun local", expand=False)
-        for column in ("stage", "step", "loss", "samples/s", "tokens/s", "elapsed", "ETA"):
+        for column in COLUMNS:
             table.add_column(column, justify="right" if column != "stage" else "left")
-        for stage, data in self.latest.items():
-            step, total = data.get("step"), data.get("total_steps") or data.get("totalSteps")
-            elapsed = time.monotonic() - self.started.get(stage, time.monotonic())
-            eta = None
-            if step and total:
-                eta = elapsed / step * max(0, total - step)
-            table.add_row(
-                stage,
-                f"{step}/{total}" if step is not None and total else _fmt(step, ""),
-                _fmt(data.get("loss")),
-                _fmt(data.get("samples_per_second") or data.get("samplesPerSecond"), ".3g"),
-                _fmt(data.get("tokens_per_second") or data.get("tokensPerSecond"), ".4g"),
-                f"{elapsed:.0f}s",
-                "-" if eta is None else f"{eta:.0f}s",
-            )
+        for stage in self.started:
+            table.add_row(*self.row(stage))
         return table
+
+
+@dataclass
+class LiveDisplay:
+    """A table redrawn in place (a terminal); events print above it."""
+
+    view: ProgressView
+    console: Console
+    _live: Live | None = None
+
+    def __enter__(self) -> LiveDisplay:
+        # Transient: the final table is printed once, by finish(), like the plain display's.
+        self._live = Live(self.view.table(), console=self.console, refresh_per_second=4, transient=True)
+        self._live.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._live is not None:
+            self._live.__exit__(*exc)
+            self._live = None
+
+    def on_event(self, reason: str, message: str) -> None:
+        self.console.print(f"{reason}: {message}")
+
+    def on_tick(self, stage: Stage) -> None:
+        self.view.running(stage)
+        if self._live is not None:
+            self._live.update(self.view.table())
+
+    def finish(self) -> None:
+        self.console.print(self.view.table())
+
+
+@dataclass
+class LineDisplay:
+    """Plain lines for logs: each event, and the running stage's progress every `every` seconds."""
+
+    view: ProgressView
+    console: Console
+    every: float = 30.0
+    _last: float = field(default_factory=time.monotonic)
+
+    def __enter__(self) -> LineDisplay:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+    def _print(self, text: str) -> None:
+        self.console.print(
+            f"{time.strftime('%H:%M:%S')} {text}", highlight=False, markup=False, soft_wrap=True
+        )
+
+    def on_event(self, reason: str, message: str) -> None:
+        self._print(f"{reason}: {message}")
+
+    def on_tick(self, stage: Stage) -> None:
+        self.view.running(stage)
+        now = time.monotonic()
+        if now - self._last >= self.every and self.view.current is not None:
+            self._last = now
+            self._print(self.view.line(self.view.current))
+
+    def finish(self) -> None:
+        self.console.print(self.view.table())

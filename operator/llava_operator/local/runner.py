@@ -10,12 +10,13 @@ its newest checkpoint, as a retried PyTorchJob does.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
+import queue
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -25,21 +26,21 @@ from pathlib import Path
 from typing import Any
 
 from ..api import LlavaRun, Stage
-from ..api.spec import PrepareResources
 from ..naming import job_name
 from ..trainer_command import stage_env, trainer_args
+from .logs import describe_exit
+from .preflight import cpu_cores, processes
+from .processes import ProcessTree
 
 STATUS_FILE = "llavarun-status.json"
-INTERRUPTED_EXIT = 130
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+"""Ctrl-C, `kill`, a closed terminal: each stops the running stage cleanly (checkpoint, status)."""
+TICK_SECONDS = 0.5
+"""How often the progress display is refreshed while a stage is quiet."""
 
 
 def now() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def processes(run: LlavaRun, stage: Stage) -> int:
-    res = run.spec.stage_config(stage).resources
-    return 1 if isinstance(res, PrepareResources) else res.nodes * res.gpus_per_node
 
 
 def stage_command(run: LlavaRun, stage: Stage, data_dir: Path) -> list[str]:
@@ -71,7 +72,7 @@ def local_env(run: LlavaRun, stage: Stage, attempt: int, status_file: Path) -> d
         {
             "LLAVARUN_STATUS_FILE": str(status_file),
             "PYTHONUNBUFFERED": "1",
-            "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // processes(run, stage))),
+            "OMP_NUM_THREADS": str(max(1, cpu_cores() // processes(run, stage))),
         }
     )
     return env
@@ -133,9 +134,11 @@ class LocalRun:
     run: LlavaRun
     data_dir: Path
     on_line: Callable[[Stage, str], None] = lambda stage, line: None
-    on_tick: Callable[[], None] = lambda: None
+    on_tick: Callable[[Stage], None] = lambda stage: None
+    on_event: Callable[[str, str], None] = lambda reason, message: None
     outcomes: list[StageOutcome] = field(default_factory=list)
-    _interrupted: bool = False
+    _signal: int | None = None
+    _tree: ProcessTree | None = None
 
     @property
     def output_root(self) -> Path:
@@ -149,21 +152,29 @@ class LocalRun:
         return self.output_root / "logs"
 
     def execute(self) -> int:
-        """Run every stage not yet finished; 0 on success, 1 on failure, 130 when interrupted."""
+        """Run every stage not yet finished; 0 on success, 1 on failure, 128 + the signal's number
+        when stopped by SIGINT (Ctrl-C), SIGTERM or SIGHUP."""
         self.logs_dir().mkdir(parents=True, exist_ok=True)
-        self.status.update(self._start)
-        for stage in self.run.spec.stages:
-            done = (self.status.read().get("stages") or {}).get(stage.value, {})
-            if done.get("phase") == "Succeeded":
-                continue
-            outcome = self._run_stage(stage, first_attempt=int(done.get("attempts", 0)))
-            self.outcomes.append(outcome)
-            if self._interrupted:
-                return INTERRUPTED_EXIT
-            if not outcome.succeeded:
-                return 1
-        self.status.update(self._finish)
-        return 0
+        previous = {sig: signal.signal(sig, self._on_signal) for sig in STOP_SIGNALS}
+        try:
+            self.status.update(self._start)
+            for stage in self.run.spec.stages:
+                done = (self.status.read().get("stages") or {}).get(stage.value, {})
+                if done.get("phase") == "Succeeded":
+                    continue
+                if self._signal is not None:
+                    break
+                outcome = self._run_stage(stage, first_attempt=int(done.get("attempts", 0)))
+                self.outcomes.append(outcome)
+                if self._signal is None and not outcome.succeeded:
+                    return 1
+            if self._signal is not None:
+                return 128 + self._signal
+            self.status.update(self._finish)
+            return 0
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
 
     def _start(self, status: dict[str, Any]) -> None:
         status["observedGeneration"] = self.run.metadata.generation or 1
@@ -182,27 +193,46 @@ class LocalRun:
         started = time.monotonic()
         attempt = max(0, first_attempt - 1) if first_attempt else 0
         while True:
-            log = self.logs_dir() / f"{job_name(self.run.name, stage, attempt)}.log"
+            name = job_name(self.run.name, stage, attempt)
+            log = self.logs_dir() / f"{name}.log"
 
-            def begin(status: dict[str, Any], attempt: int = attempt) -> None:
+            def begin(status: dict[str, Any], attempt: int = attempt, name: str = name) -> None:
                 status["stage"] = stage.value
-                status["currentJob"] = job_name(self.run.name, stage, attempt)
+                status["currentJob"] = name
                 entry = status.setdefault("stages", {}).setdefault(stage.value, {})
                 entry.update(phase="Running", job=status["currentJob"], attempts=attempt + 1)
                 entry.setdefault("startTime", now())
                 status.pop("progress", None)
 
             self.status.update(begin)
+            self.on_event(
+                "StageStarted",
+                f"stage {stage.value} started as job {name} ({processes(self.run, stage)} "
+                f"process(es), log {log})",
+            )
             code = self._spawn(stage, attempt, log)
+            took = time.monotonic() - started
             if code == 0:
                 self.status.update(partial(_end_stage, stage=stage, phase="Succeeded", message=None))
-                return StageOutcome(stage, True, attempt + 1, time.monotonic() - started, log)
-            message = f"local job {job_name(self.run.name, stage, attempt)} exited {code}; log: {log}"
-            final = self._interrupted or attempt >= retries
-            mark = _interrupted if self._interrupted else _failed if final else _retrying
+                self.on_event("StageSucceeded", f"stage {stage.value} succeeded (job {name}, {took:.0f}s)")
+                return StageOutcome(stage, True, attempt + 1, took, log)
+            message = f"local job {name} {describe_exit(code, log)}"
+            stopped = self._signal is not None
+            final = stopped or attempt >= retries
+            mark = _interrupted if stopped else _failed if final else _retrying
             self.status.update(partial(mark, stage=stage, message=message))
+            if stopped:
+                self.on_event(
+                    "Suspended", f"stopped at stage {stage.value}; rerun the same command to resume"
+                )
+            elif final:
+                self.on_event(
+                    "StageFailed", f"stage {stage.value} failed after {attempt + 1} attempt(s): {message}"
+                )
+            else:
+                self.on_event("StageRetrying", f"stage {stage.value} attempt {attempt + 1} failed: {message}")
             if final:
-                return StageOutcome(stage, False, attempt + 1, time.monotonic() - started, log)
+                return StageOutcome(stage, False, attempt + 1, took, log)
             attempt += 1
 
     def _spawn(self, stage: Stage, attempt: int, log: Path) -> int:
@@ -211,34 +241,66 @@ class LocalRun:
         with log.open("a") as sink:
             sink.write(f"$ {' '.join(command)}\n")
             sink.flush()
-            proc = subprocess.Popen(
+            if self._signal is not None:
+                return 128 + self._signal
+            self._tree = tree = ProcessTree.start(
                 command,
                 env=env,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,
                 text=True,
                 bufsize=1,
-                start_new_session=True,  # Ctrl-C reaches us only; we stop the stage ourselves
             )
-            previous = signal.signal(signal.SIGINT, lambda *_: self._interrupt(proc))
+            proc = tree.proc
+            lines: queue.Queue[str | None] = queue.Queue()
+            reader = threading.Thread(target=_pump, args=(proc, lines), daemon=True)
+            reader.start()
+
+            def take(line: str) -> None:
+                sink.write(line)
+                self.on_line(stage, line.rstrip("\n"))
+
             try:
-                assert proc.stdout is not None
-                for line in proc.stdout:
-                    sink.write(line)
-                    self.on_line(stage, line.rstrip("\n"))
-                    self.on_tick()
+                # Until the output ends, or the launcher has exited and a tick passed in silence
+                # (a straggler may still hold the pipe open).
+                while (line := _next_line(lines, TICK_SECONDS)) is not None:
+                    if line:
+                        take(line)
+                    elif proc.poll() is not None:
+                        break
+                    tree.record()
+                    self.on_tick(stage)
                 return proc.wait()
             finally:
-                signal.signal(signal.SIGINT, previous)
+                tree.reap()  # whatever outlived the launcher goes too
+                reader.join(timeout=5)
+                while line := _next_line(lines, 0):
+                    take(line)
+                self._tree = None
 
-    def _interrupt(self, proc: subprocess.Popen[str]) -> None:
-        """First Ctrl-C: SIGTERM the stage (the trainer checkpoints if it can); second: kill."""
-        if self._interrupted:
-            os.killpg(proc.pid, signal.SIGKILL)
-            return
-        self._interrupted = True
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
+    def _on_signal(self, signum: int, frame: object) -> None:
+        """First stop signal: SIGTERM the stage's process group (the trainer checkpoints and
+        exits); a second one: SIGKILL it."""
+        again = self._signal is not None
+        self._signal = self._signal or signum
+        if self._tree is not None:
+            self._tree.signal(signal.SIGKILL if again else signal.SIGTERM)
+
+
+def _pump(proc: subprocess.Popen[str], lines: queue.Queue[str | None]) -> None:
+    """Forward a process's output line by line; None once it closed its output."""
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        lines.put(line)
+    lines.put(None)
+
+
+def _next_line(lines: queue.Queue[str | None], timeout: float) -> str | None:
+    """The next output line, "" when none came within `timeout` (a tick), None at the end."""
+    try:
+        return lines.get(timeout=timeout)
+    except queue.Empty:
+        return ""
 
 
 def _end_stage(status: dict[str, Any], stage: Stage, phase: str, message: str | None) -> None:
@@ -266,4 +328,4 @@ def _interrupted(status: dict[str, Any], stage: Stage, message: str) -> None:
     entry = status.setdefault("stages", {}).setdefault(stage.value, {})
     entry.update(phase="Suspended", message=f"interrupted; rerun to resume ({message})")
     status["phase"] = "Suspended"
-    set_condition(status, "Suspended", "True", "Interrupted", "stopped by Ctrl-C; rerun to resume")
+    set_condition(status, "Suspended", "True", "Interrupted", "stopped by a signal; rerun to resume")
