@@ -3,7 +3,8 @@
 The seed benchmark is run by many chip vendors, so the accelerator is data, not a constant.
 Only NVIDIA can be exercised here; the others must at least render correctly.
 
-This module is also the one table of peak TFLOP/s (the MFU denominator): the operator passes the
+This module is also the one table of peak TFLOP/s (the MFU denominator) and device memory (what
+`llavarun plan` fits a stage into): the operator passes the
 run's profile to the trainer, and the trainer looks up the device it runs on here, falling back to
 the profile's default. Plain Python (no pydantic, no torch): bench/gpu_step.py loads it by path.
 """
@@ -25,46 +26,52 @@ class AcceleratorProfileName(StrEnum):
 
 @dataclass(frozen=True)
 class Device:
-    """An accelerator model, recognised by the name torch reports for it, and its peak."""
+    """An accelerator model, recognised by the name torch reports for it: its peak and memory."""
 
     model: str
     name_parts: tuple[str, ...]
     """Every part must occur in the upper-cased device name ("NVIDIA H100 PCIe" has H100 and PCIE)."""
     peak_tflops: float
     """Dense bf16 TFLOP/s from the vendor's datasheet (half the "with sparsity" figure)."""
+    memory_gib: float
+    """Memory per device as torch reports it (total_memory, GiB; a little under the marketed GB),
+    the capacity `llavarun plan` fits a stage into. Like the peak, per package (an MI250X package,
+    which torch shows as two devices, counts once)."""
 
     def matches(self, device_name: str) -> bool:
         name = device_name.upper()
         return all(part in name for part in self.name_parts)
 
 
-H100_SXM = Device("H100 SXM", ("H100",), 989.4)
-MI300X = Device("MI300X", ("MI300X",), 1307.4)
+H100_SXM = Device("H100 SXM 80GB", ("H100",), 989.4, 79.1)
+MI300X = Device("MI300X 192GB", ("MI300X",), 1307.4, 192.0)
 
 DEVICES: dict[AcceleratorProfileName, tuple[Device, ...]] = {
     # Most specific first: the first device whose parts all match wins (H100 PCIe before H100,
-    # H200 before H20).
+    # H200 before H20, A100 80GB before A100).
     AcceleratorProfileName.NVIDIA: (
-        Device("H100 PCIe", ("H100", "PCIE"), 756.0),
-        Device("H100 NVL", ("H100", "NVL"), 835.0),
+        Device("H100 PCIe 80GB", ("H100", "PCIE"), 756.0, 79.1),
+        Device("H100 NVL 94GB", ("H100", "NVL"), 835.0, 93.1),
         H100_SXM,  # "NVIDIA H100 80GB HBM3"
-        Device("H800 PCIe", ("H800", "PCIE"), 756.0),
-        Device("H800 SXM", ("H800",), 989.4),
-        Device("H200 NVL", ("H200", "NVL"), 835.0),
-        Device("H200 SXM / GH200", ("H200",), 989.4),
-        Device("H20", ("H20",), 148.0),
-        Device("B200", ("B200",), 2250.0),
-        Device("A100", ("A100",), 312.0),  # SXM and PCIe alike
-        Device("A800", ("A800",), 312.0),
-        Device("L40S", ("L40S",), 362.05),
+        Device("H800 PCIe 80GB", ("H800", "PCIE"), 756.0, 79.1),
+        Device("H800 SXM 80GB", ("H800",), 989.4, 79.1),
+        Device("H200 NVL 141GB", ("H200", "NVL"), 835.0, 139.8),
+        Device("H200 SXM / GH200 141GB", ("H200",), 989.4, 139.8),
+        Device("H20 96GB", ("H20",), 148.0, 95.0),
+        Device("B200 180GB", ("B200",), 2250.0, 178.4),
+        Device("A100 80GB", ("A100", "80GB"), 312.0, 79.2),  # SXM and PCIe alike
+        Device("A100 40GB", ("A100",), 312.0, 39.4),
+        Device("A800 80GB", ("A800", "80GB"), 312.0, 79.2),
+        Device("A800 40GB", ("A800",), 312.0, 39.4),
+        Device("L40S 48GB", ("L40S",), 362.05, 44.4),
     ),
     AcceleratorProfileName.AMD: (
-        Device("MI325X", ("MI325X",), 1307.4),
+        Device("MI325X 256GB", ("MI325X",), 1307.4, 256.0),
         MI300X,
-        Device("MI300A", ("MI300A",), 980.6),
-        Device("MI250X", ("MI250X",), 383.0),
-        Device("MI250", ("MI250",), 362.1),
-        Device("MI210", ("MI210",), 181.0),
+        Device("MI300A 128GB", ("MI300A",), 980.6, 128.0),
+        Device("MI250X 128GB", ("MI250X",), 383.0, 128.0),
+        Device("MI250 128GB", ("MI250",), 362.1, 128.0),
+        Device("MI210 64GB", ("MI210",), 181.0, 64.0),
     ),
 }
 """Devices whose name identifies their peak; profiles without rows use their default only."""
@@ -100,6 +107,14 @@ PROFILES: dict[AcceleratorProfileName, AcceleratorProfile] = {
     ),
     AcceleratorProfileName.CPU: AcceleratorProfile(None, None, "gloo", None, {"CUDA_VISIBLE_DEVICES": ""}),
 }
+
+
+DEFAULT_DEVICES: dict[AcceleratorProfileName, Device] = {
+    AcceleratorProfileName.NVIDIA: H100_SXM,
+    AcceleratorProfileName.AMD: MI300X,
+}
+"""The device a profile's default peak comes from: what `llavarun plan` assumes when the run names
+no device (placement node labels) and none is given."""
 
 
 def known_device(device_name: str) -> Device | None:
