@@ -103,7 +103,8 @@ class Accelerator(ApiModel):
     backend: Literal["nccl", "hccl", "cncl", "gloo"] | None = None
     """torch.distributed backend."""
     peak_tflops: float | None = Field(None, gt=0, le=100000)
-    """Dense bf16 peak TFLOP/s per device, the MFU denominator (H100 SXM 989.4, H100 PCIe 756, A100 312)."""
+    """Dense bf16 peak TFLOP/s per device, the MFU denominator; unset, the trainer takes its device's
+    row of the accelerator table, else the profile's default."""
 
     def resolved(self) -> AcceleratorProfile:
         """The profile with this object's overrides applied."""
