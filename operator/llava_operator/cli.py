@@ -1,4 +1,4 @@
-"""`llavarun`: the user-facing command (crd, render, validate, operator, local)."""
+"""`llavarun`: the user-facing command (crd, render, validate, plan, report, operator, local)."""
 
 from __future__ import annotations
 
@@ -12,6 +12,8 @@ COMMANDS: dict[str, str] = {
     "crd": "Print the LlavaRun CustomResourceDefinition generated from the API models",
     "render": "Print what the operator creates for a LlavaRun (RBAC and one PyTorchJob per stage)",
     "validate": "Check LlavaRun manifests offline, as the apiserver will",
+    "plan": "Memory per device and time of each training stage, offline, before launching",
+    "report": "A run's report from its status (the cluster's LlavaRun or a status file)",
     "operator": "Run the operator (kopf) against the current kubeconfig",
     "local": "Run a LlavaRun on this machine, each stage as local processes",
 }
@@ -78,6 +80,18 @@ def build_parser() -> argparse.ArgumentParser:
     validate = sub.add_parser("validate", help=COMMANDS["validate"])
     validate.add_argument("files", nargs="+", help="LlavaRun YAML files")
     validate.set_defaults(func=_validate)
+    from .capacity.cli import add_arguments as plan_arguments
+    from .capacity.cli import run as plan_run
+
+    plan = sub.add_parser("plan", help=COMMANDS["plan"], description=COMMANDS["plan"])
+    plan_arguments(plan)
+    plan.set_defaults(func=plan_run)
+    from .runreport import add_arguments as report_arguments
+    from .runreport import run as report_run
+
+    report = sub.add_parser("report", help=COMMANDS["report"], description=COMMANDS["report"])
+    report_arguments(report)
+    report.set_defaults(func=report_run)
     for name in DELEGATED:  # listed for --help; main() hands them their arguments untouched
         sub.add_parser(name, help=COMMANDS[name], add_help=False)
     return parser
