@@ -55,9 +55,16 @@ def predict(
     flops = result["micro_batch"] * sample_flops(shape, stage, result["seq_len"], 1)
     step = flops / (peak * 1e12 * DEFAULT_MFU / 100) if peak else None
     full = shape if result["layers"] >= result["full_layers"] else None
+    states = memory.states
     return {
-        "memory_gib": round(memory.allocated / GIB, 2),
-        "memory_parts_gib": {**memory.as_gib(), "activation_parts": memory.parts()},
+        "memory_gib": round(memory.allocated / GIB, 4),
+        "memory_bytes": {
+            "parameters": states.parameters,
+            "gradients": states.gradients,
+            "optimizer": states.optimizer,
+            "activations": memory.activations.peak,
+        },
+        "activation_parts_gib": memory.parts(),
         "step_seconds_at_default_mfu": round(step, 4) if step else None,
         "default_mfu": DEFAULT_MFU,
         "full_depth": full is not None,
