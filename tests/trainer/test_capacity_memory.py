@@ -173,7 +173,7 @@ def _measured_activations(shape_args: dict, stage: str, checkpointing: bool, dty
     model.model.language_model.requires_grad_(stage == "finetune")
     model.lm_head.requires_grad_(stage == "finetune")
     if checkpointing:
-        model.model.language_model.gradient_checkpointing_enable({"use_reentrant": False})
+        model.model.language_model.activation_checkpointing_enable({"use_reentrant": False})
     model.train()
     images = config.image_seq_length
     ids = torch.randint(3, text["vocab_size"] - 3, (micro, seq))
