@@ -9,6 +9,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+SERVICE_ACCOUNT_NAMESPACE = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("name", nargs="?", help="the LlavaRun's name (read from the cluster)")
@@ -31,19 +33,25 @@ def read_cluster_run(name: str, namespace: str | None, kubeconfig: str | None) -
     """The LlavaRun object as the apiserver has it (spec and status)."""
     from kubernetes import client, config
 
-    from .apiserver import request, run_path
+    from .apiserver import ApiError, request, run_path
 
     try:
         _contexts, active = config.list_kube_config_contexts(config_file=kubeconfig)
         api = config.new_client_from_config(config_file=kubeconfig)
         namespace = namespace or (active.get("context") or {}).get("namespace") or "default"
-    except config.ConfigException:
-        config.load_incluster_config()
+    except config.ConfigException as err:
+        if kubeconfig:
+            raise ValueError(f"kubeconfig {kubeconfig}: {err}") from None
+        try:
+            config.load_incluster_config()
+        except config.ConfigException:
+            raise ValueError(f"no usable kubeconfig ({err}) and not inside a cluster") from None
         api = client.ApiClient()
-        namespace = (
-            namespace or Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace").read_text().strip()
-        )
-    return request(api, "GET", run_path(namespace, name))
+        namespace = namespace or Path(SERVICE_ACCOUNT_NAMESPACE).read_text().strip()
+    try:
+        return request(api, "GET", run_path(namespace, name))
+    except ApiError as err:  # one line on stderr (llavarun's ValueError), not a traceback
+        raise ValueError(str(err)) from None
 
 
 def accelerator_of(document: dict[str, Any], device: str | None) -> dict[str, Any] | None:

@@ -98,3 +98,9 @@ def test_llavarun_local_writes_the_same_report(tmp_path):
     assert text.splitlines()[: len(expected)] == expected
     assert "| pretrain | Succeeded | 1 | 18720.0 |" in text
     assert (tmp_path / "out" / "loss_pretrain.png").stat().st_size > 0 and "![pretrain loss]" in text
+
+
+def test_an_unusable_kubeconfig_is_one_line_not_a_traceback(tmp_path, capsys):
+    missing = tmp_path / "kubeconfig"
+    assert main(["report", "run", "--kubeconfig", str(missing)]) == 1
+    assert capsys.readouterr().err.startswith(f"llavarun report: kubeconfig {missing}:")
