@@ -27,31 +27,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """0 when every stage fits, 1 when one does not (the plan says what would)."""
     from .. import yamlio
-    from ..api import Stage
     from ..validate import load_runs
-    from .inputs import choose_device, geometry_for, lengths_for, mfu_for
-    from .planner import capacity_plan
+    from .inputs import plan_for_run
     from .text import render_plan
 
-    if args.mfu is not None and not 0 < args.mfu <= 100:
-        raise ValueError(f"--mfu {args.mfu}: a percentage in (0, 100]")
     data_dir = args.data_dir.resolve() if args.data_dir else None
-    plans = []
-    for llavarun in load_runs(yamlio.read_documents(args.file)):
-        geometry = geometry_for(llavarun, data_dir)
-        device, source = choose_device(llavarun, args.device)
-        training = [s for s in llavarun.spec.stages if s in (Stage.PRETRAIN, Stage.FINETUNE)]
-        plans.append(
-            capacity_plan(
-                llavarun.name,
-                llavarun.spec,
-                geometry,
-                {s: lengths_for(llavarun, s, geometry, data_dir) for s in training},
-                device,
-                {s: mfu_for(s, args.mfu, args.from_file) for s in training},
-                device_source=source,
-            )
-        )
+    plans = [
+        plan_for_run(run, data_dir=data_dir, device=args.device, mfu=args.mfu, from_file=args.from_file)
+        for run in load_runs(yamlio.read_documents(args.file))
+    ]
     if args.json:
         sys.stdout.write(json.dumps(plans[0] if len(plans) == 1 else plans, indent=2) + "\n")
     else:

@@ -10,7 +10,7 @@ from ..api.profiles import DEFAULT_DEVICES, Device, known_device
 from ..trainer_command import stage_config
 from .geometry import Geometry, read_geometry, recipe_geometry
 from .lengths import TokenLengths, read_index_lengths, recipe_lengths
-from .planner import Mfu
+from .planner import Mfu, capacity_plan
 from .timing import DEFAULT_MFU
 
 
@@ -101,3 +101,27 @@ def mfu_for(stage: Stage, given: float | None, from_file: str | None) -> Mfu:
         if found is not None:
             return found
     return Mfu(DEFAULT_MFU, "default" + (f"; {from_file} has none for {stage.value}" if from_file else ""))
+
+
+def plan_for_run(
+    run: LlavaRun,
+    *,
+    data_dir: Path | None = None,
+    device: str | None = None,
+    mfu: float | None = None,
+    from_file: str | None = None,
+) -> dict:
+    """`llavarun plan`'s dict for one run, its inputs gathered here: what `llavarun local` or the
+    operator call to show or record the same numbers (`planner.capacity_plan` is the pure core)."""
+    geometry = geometry_for(run, data_dir)
+    chosen, source = choose_device(run, device)
+    training = [s for s in run.spec.stages if s in (Stage.PRETRAIN, Stage.FINETUNE)]
+    return capacity_plan(
+        run.name,
+        run.spec,
+        geometry,
+        {s: lengths_for(run, s, geometry, data_dir) for s in training},
+        chosen,
+        {s: mfu_for(s, mfu, from_file) for s in training},
+        device_source=source,
+    )
