@@ -14,6 +14,7 @@ import jinja2
 from . import yamlio
 from .api import API_VERSION, KIND, LlavaRun, Stage
 from .api.spec import PrepareResources, StageResources, Toleration
+from .capacity.checkpoint import grace_period_seconds
 from .naming import (
     KUEUE_QUEUE_LABEL,
     common_labels,
@@ -174,6 +175,7 @@ def render_stage_job(run: LlavaRun, stage: Stage, attempt: int = 0) -> dict[str,
         "command": launcher_command(stage),
         "args": trainer_args(spec, stage),
         "env": _env(run, stage, attempt),
+        "termination_grace_period_seconds": grace_period_seconds(spec, stage),
         "resources": _resources(run, res, gpus),
         "volume_mounts": mounts,
         "volumes": volumes,

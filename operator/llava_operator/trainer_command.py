@@ -20,6 +20,7 @@ from llava_trainer.config import (
 
 from .api import LlavaRunSpec, Stage
 from .api.stage_params import STAGE_PARAMS
+from .capacity.checkpoint import grace_period_seconds
 from .naming import job_name
 
 
@@ -84,11 +85,16 @@ def stage_env(spec: LlavaRunSpec, run_name: str, stage: Stage, attempt: int) -> 
     """The environment every process of a stage gets, on a cluster and locally: which attempt of
     which stage it is, the accelerator profile's backend and device env, no hub downloads."""
     profile = spec.accelerator.resolved()
+    grace = grace_period_seconds(spec, stage)
     env = {
         "LLAVARUN_STAGE": stage.value,
         "LLAVARUN_ATTEMPT": str(attempt),
         "LLAVARUN_JOB": job_name(run_name, stage, attempt),
         "LLAVARUN_DIST_BACKEND": profile.backend,
+        # What the pod's terminationGracePeriodSeconds gives the trainer to save on SIGTERM; torchrun
+        # waits as long for its workers before it SIGKILLs them (its own default is 30 s).
+        "LLAVARUN_GRACE_SECONDS": str(grace),
+        "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": str(grace),
         "HF_HUB_OFFLINE": "1",
         "TRANSFORMERS_OFFLINE": "1",
         **profile.env,

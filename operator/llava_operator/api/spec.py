@@ -36,6 +36,8 @@ MAX_RETRIES = 10
 MAX_NODES = 512
 #: Durations in seconds: ten years, so seconds x 1e9 stays inside Go's int64 time.Duration.
 MAX_DURATION_SECONDS = 10 * 365 * 24 * 3600
+#: A pod's grace period: a day is more than any checkpoint needs.
+MAX_GRACE_SECONDS = 24 * 3600
 DNS1035 = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"
 # Kubernetes resource.Quantity, as in the apimachinery OpenAPI schema.
 QUANTITY = r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGTPE]i)|[numkMGTPE]|([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$"
@@ -157,6 +159,10 @@ class StageResources(ApiModel):
     """Replaces spec.placement.tolerations for this stage."""
     active_deadline_seconds: int | None = Field(None, ge=1, le=MAX_DURATION_SECONDS)
     """Kills the stage's PyTorchJob after this many seconds (counts as a failed attempt)."""
+    termination_grace_period_seconds: int | None = Field(None, ge=1, le=MAX_GRACE_SECONDS)
+    """Seconds a stopped pod (suspend, preemption, node drain) has to save a checkpoint before it is
+    killed. Default: sized from what the stage saves (trained weights and optimizer states, at
+    1 GiB/s per node, x1.5, + 30 s), e.g. about 300 s for the 13B finetune on one node."""
 
     @property
     def processes(self) -> int:
