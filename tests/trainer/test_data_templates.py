@@ -1,4 +1,4 @@
-"""Templates and label masking: exactly what LLaVA-1.5 trains on (llava-recipe.md §2.2)."""
+"""Templates and label masking: exactly what LLaVA-1.5 trains on (LLaVA's preprocess_plain / preprocess_v1)."""
 
 from __future__ import annotations
 

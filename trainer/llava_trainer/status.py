@@ -1,4 +1,4 @@
-"""Reports a stage's progress and results into the LlavaRun status (DESIGN §3).
+"""Reports a stage's progress and results into the LlavaRun status.
 
 The trainer owns only `status.progress` and `status.results`; the operator owns the rest, and both
 write JSON merge patches on their own subtrees so neither overwrites the other. Everything written
@@ -39,7 +39,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MIN_PATCH_INTERVAL_S = 10.0
-"""At most one progress patch per this many seconds to the apiserver (DESIGN §3)."""
+"""At most one progress patch per this many seconds, so thousands of ranks never load the apiserver."""
 MIN_FILE_INTERVAL_S = 1.0
 """Local JSON file writes are cheap; refresh them more often so progress bars move."""
 REQUEST_TIMEOUT_S = 5.0

@@ -1,4 +1,4 @@
-"""LlavaRun status. Two writers own disjoint subtrees (DESIGN §3):
+"""LlavaRun status. Two writers own disjoint subtrees, each writing JSON merge patches on its own:
 
 - the operator: phase, stage, currentJob, stages, conditions, observedGeneration;
 - the trainer (rank 0): progress and results.
@@ -93,7 +93,7 @@ class Progress(ApiModel):
     """Real tokens (576 per image, no padding)."""
     padded_tokens_per_second: float | None = None
     mfu: float | None = None
-    """Model FLOPs utilisation, DESIGN §6 (4N pretrain / 6N finetune + attention + CLIP), in percent."""
+    """Model FLOPs utilisation in percent: 4N (pretrain) or 6N (finetune) FLOPs per real token, plus attention and the CLIP forward, over the device peak."""
     mfu_flagperf: float | None = None
     """FlagPerf's convention (2N or 6N per padded token), in percent."""
     gpu_memory_gib: float | None = None
