@@ -1,33 +1,66 @@
-"""The kind of child object a stage attempt runs as, behind one small interface.
+"""What the plan needs from whatever runs a stage attempt: one small interface, several kinds.
 
-The plan only asks a backend to render an attempt, read an attempt's state and say how to
-flip its suspension. PyTorchJob (training-operator v1) is the one we ship; a Kubeflow Trainer v2
-`TrainJob` backend implements the same four members.
+Children are objects with Kubernetes metadata (name, labels, annotations, ownerReferences,
+creationTimestamp) whatever their kind, so the plan keeps its own records on them the same way
+everywhere: the annotations below. Everything else about a kind (its manifest, how its state is
+read, how it is suspended, where its logs are) belongs to its backend:
+
+- `backends.pytorchjob`: Kubeflow training-operator v1 PyTorchJobs (the operator's);
+- `backends.local`: local process groups, torchrun per attempt (`llavarun local`).
+A Kubeflow Trainer v2 TrainJob backend implements the same members.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from .api import LlavaRun, Stage
-from .jobstate import JOB_NAME_LABEL, JobState, pytorchjob_state
-from .render import render_stage_job
+from .jobstate import JobState
 
-#: The user's spec.suspend as we last applied it to this child. We only patch the child's
-#: suspension when the user's intent differs from this, so a child that Kueue suspended or
-#: admitted is never flipped back by a later reconcile.
 SUSPEND_ANNOTATION = "llavarun.io/suspend"
+"""The user's spec.suspend as we last applied it to this child. We only flip the child's
+suspension when the user's intent differs from this, so a child that a queue (Kueue) suspended or
+admitted is never flipped back by a later reconcile."""
+SPEC_HASH_ANNOTATION = "llavarun.io/spec-hash"
+"""Digest of what the attempt runs (suspension aside), set at render: an attempt that has not
+started is replaced when the spec now renders differently."""
+FAILURES_ANNOTATION = "llavarun.io/failures"
+"""How many attempts of this stage had failed when this one was created: spec.retries counts
+failures, not attempts replaced because the spec was edited before they started."""
+RUN_OBJECTS_ANNOTATION = "llavarun.io/run-objects"
+"""Set on a child once the run's objects (`Backend.run_objects`) were created after it: until a
+child of the run carries it, every reconcile creates them again."""
+
+
+@dataclass(frozen=True)
+class RunObjects:
+    """Objects every child of a run needs, besides the child: `before` are created ahead of the
+    first child (it cannot start without them), `after` behind it (needed only once it runs)."""
+
+    before: tuple[dict[str, Any], ...] = ()
+    after: tuple[dict[str, Any], ...] = ()
+
+    def __bool__(self) -> bool:
+        return bool(self.before or self.after)
 
 
 class Backend(Protocol):
-    group: str
-    version: str
-    plural: str
+    """A kind of child. Render and state are pure; the edges (the kopf operator's REST calls,
+    `llavarun local`'s process supervisor) create, patch and delete what the plan says."""
+
     kind: str
 
     def render(self, run: LlavaRun, stage: Stage, attempt: int) -> dict[str, Any]:
-        """The child object for one attempt of one stage, created once and never replaced."""
+        """The child of one attempt of one stage, with the stage/attempt labels and the suspend and
+        spec-hash annotations."""
+        ...
+
+    def run_objects(self, run: LlavaRun) -> RunObjects:
+        """Per-run objects its children need (e.g. the trainer's identity); none is fine."""
         ...
 
     def state(self, child: Mapping[str, Any]) -> JobState:
@@ -38,45 +71,51 @@ class Backend(Protocol):
         """A merge patch that (un)suspends the child and records the user's intent."""
         ...
 
+    def where_to_look(
+        self, child_name: str, state: JobState, namespace: str, pods: list[Mapping[str, Any]]
+    ) -> str:
+        """For a failed attempt, what to read beyond its state's message (e.g. a pod and the
+        command showing its log); "" when the message already says it. `pods`: the child's pods
+        when the caller listed them."""
+        ...
+
+
+class ClusterBackend(Backend, Protocol):
+    """A backend whose children are Kubernetes objects (what `kube.Kube` needs on top)."""
+
+    group: str
+    version: str
+    plural: str
+
     def pod_selector(self, child_name: str) -> str:
         """Label selector of the child's pods (for failure messages)."""
         ...
 
 
-def _bool(value: bool) -> str:
-    return "true" if value else "false"
+def annotations(child: Mapping[str, Any]) -> Mapping[str, str]:
+    return (child.get("metadata") or {}).get("annotations") or {}
 
 
 def applied_suspend(child: Mapping[str, Any]) -> bool | None:
     """The spec.suspend value last applied to a child (None: unknown, never patch)."""
-    value = ((child.get("metadata") or {}).get("annotations") or {}).get(SUSPEND_ANNOTATION)
+    value = annotations(child).get(SUSPEND_ANNOTATION)
     return None if value is None else value == "true"
 
 
-class PyTorchJobBackend:
-    """Kubeflow training-operator v1 PyTorchJobs."""
-
-    group = "kubeflow.org"
-    version = "v1"
-    plural = "pytorchjobs"
-    kind = "PyTorchJob"
-
-    def render(self, run: LlavaRun, stage: Stage, attempt: int) -> dict[str, Any]:
-        job = render_stage_job(run, stage, attempt)
-        job["metadata"].setdefault("annotations", {})[SUSPEND_ANNOTATION] = _bool(run.spec.suspend)
-        return job
-
-    def state(self, child: Mapping[str, Any]) -> JobState:
-        return pytorchjob_state(child)
-
-    def suspend_patch(self, suspend: bool) -> dict[str, Any]:
-        return {
-            "metadata": {"annotations": {SUSPEND_ANNOTATION: _bool(suspend)}},
-            "spec": {"runPolicy": {"suspend": suspend}},
-        }
-
-    def pod_selector(self, child_name: str) -> str:
-        return f"{JOB_NAME_LABEL}={child_name}"
+def flag(value: bool) -> str:
+    return "true" if value else "false"
 
 
-PYTORCHJOB = PyTorchJobBackend()
+def digest(value: Any) -> str:
+    """A short stable digest of a JSON value (for SPEC_HASH_ANNOTATION)."""
+    text = json.dumps(value, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def stamp(child: dict[str, Any], *, suspend: bool, runs: Any) -> dict[str, Any]:
+    """Record the plan's annotations on a freshly rendered child: the suspension it is created
+    with, and the digest of `runs` (what the attempt runs, suspension aside)."""
+    notes = child["metadata"].setdefault("annotations", {})
+    notes[SUSPEND_ANNOTATION] = flag(suspend)
+    notes[SPEC_HASH_ANNOTATION] = digest(runs)
+    return child

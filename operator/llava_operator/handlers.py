@@ -23,7 +23,8 @@ import kopf
 
 from . import metrics
 from .api import GROUP, PLURAL, VERSION, Phase
-from .backend import PYTORCHJOB, Backend
+from .backend import ClusterBackend
+from .backends.pytorchjob import PYTORCHJOB
 from .kube import Kube, converge
 from .naming import LABEL_RUN
 
@@ -42,7 +43,7 @@ class Context:
 
     resync_seconds: float = 30.0
     api_workers: int = 32
-    backend: Backend = PYTORCHJOB
+    backend: ClusterBackend = PYTORCHJOB
     kube: Kube | None = None
     locks: dict[tuple[str, str], asyncio.Lock] = field(default_factory=dict)
     pending_child_events: set[tuple[str, str]] = field(default_factory=set)

@@ -1,62 +1,60 @@
 """Reconciliation as a pure function: (LlavaRun, observed children, now) -> Plan.
 
-No I/O and no memory between calls: everything is derived from the run (spec + the operator's
-own status subtree) and the child jobs that exist, so a restarted operator computes the same
-plan, and applying a plan twice is harmless (creates hit 409, the status patch is a no-op).
+The one state machine of a LlavaRun, wherever it runs: the operator applies plans to
+PyTorchJobs on a cluster, `llavarun local` to process groups on one machine. What differs
+between the two is a `Backend` (backend.py); nothing here depends on the kind of child.
+
+No I/O and no memory between calls: everything is derived from the run (spec + its own status
+subtree) and the children that exist, so a restarted operator computes the same plan, and
+applying a plan twice is harmless (creates hit 409, the status patch is a no-op).
 
 Rules (docs/OPERATOR.md has the user-facing version):
-- stages run in spec.stages order, one child job per attempt, named `<run>-<stage>[-r<N>]`;
-- a Succeeded child completes its stage and starts the next; a Failed one starts attempt N+1
-  while N < spec.retries, else the stage and the run fail (sticky);
-- children are created once and never updated, except the current child's
-  `runPolicy.suspend`, and only when the user's spec.suspend differs from what we last applied
-  to that child (recorded on it), so suspension set by Kueue is never overridden;
-- a child suspended without spec.suspend is "Queued";
+- stages run in spec.stages order, one child per attempt, named `<run>-<stage>[-r<N>]`;
+- a Succeeded child completes its stage and starts the next; a Failed one starts another attempt
+  while the stage has failed at most spec.retries times, else the stage and the run fail (sticky);
+- the run's objects (the backend's `run_objects`, e.g. the trainer's RBAC) are created with the
+  first child and again by every plan until a child records that they exist;
+- an attempt none of whose processes has started is replaced by a new attempt when the spec now
+  renders it differently; once one started, the attempt is never changed, except its suspension,
+  and only when the user's spec.suspend differs from what we last applied to it (recorded on it),
+  so suspension set by a queue (Kueue) is never overridden; a child suspended without
+  spec.suspend is "Queued";
 - stages are rendered when they start, so edits apply to stages (and attempts) not yet started;
-  a stage removed from spec.stages is cancelled (its active job deleted); a stage inserted before
-  one that has started is skipped.
+  a stage removed from spec.stages is cancelled (its active child deleted); a stage inserted
+  before one that has started is skipped.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 from pydantic import ValidationError
 
 from .api import LlavaRun, Phase, Stage, StagePhase, StageStatus
-from .backend import PYTORCHJOB, Backend, applied_suspend
-from .jobstate import JobPhase, JobState, describe_failed_pod, failed_pod_hint
-from .naming import LABEL_ATTEMPT, LABEL_STAGE, job_name
-from .render import render_rbac
-
-# Condition types, summary first.
-SUCCEEDED = "Succeeded"
-FAILED = "Failed"
-SUSPENDED = "Suspended"
-QUEUED = "Queued"
-CONDITION_TYPES = (SUCCEEDED, FAILED, SUSPENDED, QUEUED)
-
-# Machine-readable reasons of Failed=True.
-REASON_STAGE_FAILED = "StageFailed"
-"""The stage failed and spec.retries is 0."""
-REASON_BACKOFF_LIMIT = "BackoffLimitExceeded"
-"""The stage failed spec.retries + 1 times."""
-REASON_INVALID_SPEC = "InvalidSpec"
-"""The apiserver accepted the object but the operator cannot read it (e.g. a stricter rule)."""
-
-# Event reasons, one per transition.
-STAGE_STARTED = "StageStarted"
-STAGE_SUCCEEDED = "StageSucceeded"
-STAGE_RETRYING = "StageRetrying"
-STAGE_FAILED = "StageFailed"
-STAGE_CANCELLED = "StageCancelled"
-RUN_SUCCEEDED = "RunSucceeded"
-EVENT_SUSPENDED = "Suspended"
-EVENT_RESUMED = "Resumed"
-EVENT_QUEUED = "Queued"
+from .backend import FAILURES_ANNOTATION, RUN_OBJECTS_ANNOTATION, SPEC_HASH_ANNOTATION, Backend, annotations
+from .children import Child, observe
+from .conditions import (
+    ATTEMPT_REPLACED,
+    FAILED,
+    REASON_BACKOFF_LIMIT,
+    REASON_INVALID_SPEC,
+    REASON_STAGE_FAILED,
+    STAGE_CANCELLED,
+    STAGE_FAILED,
+    STAGE_RETRYING,
+    STAGE_STARTED,
+    STAGE_SUCCEEDED,
+    Event,
+    conditions,
+    run_events,
+    status_patch,
+    timestamp,
+)
+from .jobstate import JobPhase
+from .naming import job_name
 
 _RUN_PHASE = {
     StagePhase.PENDING: Phase.PENDING,
@@ -67,15 +65,7 @@ _RUN_PHASE = {
     StagePhase.SUCCEEDED: Phase.SUCCEEDED,
     StagePhase.FAILED: Phase.FAILED,
 }
-
-
-@dataclass(frozen=True)
-class Event:
-    """A Kubernetes Event on the LlavaRun."""
-
-    reason: str
-    message: str
-    type: str = "Normal"
+MARK_RUN_OBJECTS = {"metadata": {"annotations": {RUN_OBJECTS_ANNOTATION: "true"}}}
 
 
 @dataclass(frozen=True)
@@ -96,24 +86,12 @@ class Plan:
     """(child name, merge patch)."""
     delete: tuple[str, ...] = ()
     status: dict[str, Any] = field(default_factory=dict)
-    """Merge patch of the operator's status subtree; empty when nothing changed."""
+    """Merge patch of the plan's status subtree; empty when nothing changed."""
     events: tuple[Event, ...] = ()
     finished: tuple[StageResult, ...] = ()
     wants_pods: tuple[str, ...] = ()
     """Failed children whose pods would make a better failure message: list them and plan again."""
     phase: str = Phase.PENDING.value
-
-
-@dataclass(frozen=True)
-class Child:
-    """One observed child job of the run."""
-
-    name: str
-    stage: Stage
-    attempt: int
-    state: JobState
-    created: str | None
-    applied_suspend: bool | None
 
 
 @dataclass
@@ -124,15 +102,11 @@ class _Step:
     record: StageStatus
     create: list[dict[str, Any]] = field(default_factory=list)
     patch: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
+    delete: list[str] = field(default_factory=list)
     events: list[Event] = field(default_factory=list)
     finished: list[StageResult] = field(default_factory=list)
     wants_pods: list[str] = field(default_factory=list)
     failure_reason: str | None = None
-
-
-def timestamp(now: datetime) -> str:
-    """RFC 3339 in UTC with seconds, as Kubernetes writes times."""
-    return now.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _seconds_between(start: str | None, end: str | None) -> float:
@@ -142,34 +116,8 @@ def _seconds_between(start: str | None, end: str | None) -> float:
     return max(0.0, (parse(end) - parse(start)).total_seconds())
 
 
-def observe(children: Iterable[Mapping[str, Any]], uid: str | None, backend: Backend) -> list[Child]:
-    """Children owned by this run (a same-named predecessor's children are still being collected)."""
-    out = []
-    for child in children:
-        meta = child.get("metadata") or {}
-        owners = meta.get("ownerReferences") or []
-        if uid and not any(o.get("uid") == uid and o.get("controller") for o in owners):
-            continue
-        labels = meta.get("labels") or {}
-        try:
-            stage, attempt = Stage(labels[LABEL_STAGE]), int(labels[LABEL_ATTEMPT])
-        except (KeyError, ValueError):
-            continue
-        out.append(
-            Child(
-                name=meta["name"],
-                stage=stage,
-                attempt=attempt,
-                state=backend.state(child),
-                created=meta.get("creationTimestamp"),
-                applied_suspend=applied_suspend(child),
-            )
-        )
-    return out
-
-
 def _records(status: Mapping[str, Any]) -> dict[str, StageStatus]:
-    """The operator's per-stage records; an unreadable one counts as absent (we rewrite it)."""
+    """The plan's per-stage records; an unreadable one counts as absent (we rewrite it)."""
     out = {}
     for name, raw in ((status.get("stages") or {}) or {}).items():
         if raw:
@@ -180,59 +128,39 @@ def _records(status: Mapping[str, Any]) -> dict[str, StageStatus]:
     return out
 
 
-def _failure(child: Child, namespace: str, pods: Mapping[str, list[Mapping[str, Any]]] | None) -> str:
-    """Why an attempt failed, naming the job and the pod whose logs tell the story."""
-    state = child.state
-    detail = (state.message or state.reason or "failed").strip().rstrip(".")
-    text = f"job {child.name} failed: {detail}"
-    described = describe_failed_pod((pods or {}).get(child.name, []))
-    pod, what = described if described else (failed_pod_hint(child.name, state), "")
-    if pod:
-        text += f"; pod {pod}" + (f": {what}" if what else "")
-        text += f" (kubectl logs -n {namespace} {pod} -c pytorch)"
-    return text[:4096]
-
-
 class _Planner:
     """Walks the stages of one run; a class only to share the run, the clock and the backend."""
 
-    def __init__(self, run: LlavaRun, now: datetime, backend: Backend, pods: Any) -> None:
+    def __init__(self, run: LlavaRun, now: datetime, backend: Backend, pods: Any, marked: bool) -> None:
         self.run = run
         self.now = timestamp(now)
         self.backend = backend
         self.pods = pods
+        self.marked = marked
+        """A child already records that the run's objects exist: new children inherit the record."""
 
-    def start(self, stage: Stage, attempt: int, rec: StageStatus | None) -> _Step:
-        """Create attempt `attempt`, with the per-run RBAC when the run's first job starts.
+    def render(self, stage: Stage, attempt: int, failures: int) -> dict[str, Any]:
+        child = self.backend.render(self.run, stage, attempt)
+        notes = child["metadata"].setdefault("annotations", {})
+        notes[FAILURES_ANNOTATION] = str(failures)
+        if self.marked:
+            notes[RUN_OBJECTS_ANNOTATION] = "true"
+        return child
 
-        RBAC creates are the apiserver's most expensive requests (escalation checks run before
-        the 409), so later stages skip them; a retry re-issues them in case a crash lost one.
-        Order: ServiceAccount (a pod needs it at admission), job, then Role and RoleBinding
-        (the trainer needs them only at its first status write, and its reporter retries).
-        """
-        spec = self.run.spec
-        name = job_name(self.run.name, stage, attempt)
-        job = self.backend.render(self.run, stage, attempt)
-        if stage == spec.stages[0] or attempt > 0:
-            account, *grants = render_rbac(self.run)
-            if account["kind"] != "ServiceAccount":  # spec.serviceAccountName: nothing to create
-                account, grants = None, [account, *grants]
-            create = [*([account] if account else []), job, *grants]
+    def start(self, stage: Stage, attempt: int, rec: StageStatus | None, failures: int) -> _Step:
+        """Create attempt `attempt` of a stage that has failed `failures` times."""
+        if self.run.spec.suspend:
+            phase = StagePhase.SUSPENDED
         else:
-            create = [job]
-        phase = (
-            StagePhase.SUSPENDED
-            if spec.suspend
-            else (StagePhase.PENDING if attempt == 0 else StagePhase.RETRYING)
-        )
+            phase = StagePhase.PENDING if failures == 0 else StagePhase.RETRYING
         record = StageStatus(
             phase=phase,
-            job=name,
+            job=job_name(self.run.name, stage, attempt),
             attempts=attempt + 1,
             start_time=(rec.start_time if rec else None) or self.now,
             message=rec.message if rec else None,
         )
-        return _Step(phase=phase, record=record, create=create)
+        return _Step(phase=phase, record=record, create=[self.render(stage, attempt, failures)])
 
     def stage(self, stage: Stage, rec: StageStatus | None, kids: dict[int, Child]) -> _Step:
         """Advance one stage by one transition at most."""
@@ -243,18 +171,25 @@ class _Planner:
             return _Step(phase=StagePhase.FAILED, record=rec, failure_reason=self.exhausted_reason())
         attempt = max((rec.attempts - 1) if rec else -1, max(kids, default=-1))
         if attempt < 0:
-            step = self.start(stage, 0, None)
+            step = self.start(stage, 0, None, 0)
             step.events.append(Event(STAGE_STARTED, f"stage {stage.value} started as job {step.record.job}"))
             return step
         kid = kids.get(attempt)
         if kid is None:
             # Created but not observed yet (or deleted behind our back): create again; 409 is fine.
-            step = self.start(stage, attempt, rec)
+            earlier = [
+                k.failures + (k.state.phase is JobPhase.FAILED) for k in kids.values() if k.attempt < attempt
+            ]
+            step = self.start(stage, attempt, rec, max(earlier, default=0))
             if rec:
                 step.record, step.phase = rec, rec.phase
             return step
         if kid.state.phase is JobPhase.FAILED:
             return self.failed(stage, rec, kid)
+        if not kid.state.started and kid.spec_hash is not None:
+            fresh = annotations(self.backend.render(self.run, stage, kid.attempt)).get(SPEC_HASH_ANNOTATION)
+            if fresh != kid.spec_hash:
+                return self.replace(stage, rec, kid)
         return self.active(rec, kid)
 
     def succeeded(self, stage: Stage, rec: StageStatus | None, kid: Child | None) -> _Step:
@@ -281,27 +216,37 @@ class _Planner:
     def exhausted_reason(self) -> str:
         return REASON_BACKOFF_LIMIT if self.run.spec.retries else REASON_STAGE_FAILED
 
+    def failure(self, kid: Child) -> str:
+        """Why an attempt failed, naming the job, and what to read (the backend knows where)."""
+        state = kid.state
+        detail = (state.message or state.reason or "failed").strip().rstrip(".")
+        look = self.backend.where_to_look(
+            kid.name, state, self.run.namespace, (self.pods or {}).get(kid.name, [])
+        )
+        return (f"job {kid.name} failed: {detail}" + (f"; {look}" if look else ""))[:4096]
+
     def failed(self, stage: Stage, rec: StageStatus | None, kid: Child) -> _Step:
-        why = _failure(kid, self.run.namespace, self.pods)
+        why = self.failure(kid)
         wants = [kid.name] if self.pods is None else []
         retries = self.run.spec.retries
+        tries = kid.failures + 1
         attempt_start = kid.created or self.now
         attempt_end = kid.state.completion_time or self.now
-        if kid.attempt < retries:
-            step = self.start(stage, kid.attempt + 1, rec)
+        if kid.failures < retries:
+            step = self.start(stage, kid.attempt + 1, rec, tries)
             step.record = step.record.model_copy(update={"message": why})
             step.events.append(
                 Event(
                     STAGE_RETRYING,
-                    f"stage {stage.value} attempt {kid.attempt + 1}/{retries + 1} failed, starting "
-                    f"attempt {kid.attempt + 2} as job {step.record.job} (resumes from the newest "
-                    f"checkpoint): {why}",
+                    f"stage {stage.value} attempt {tries}/{retries + 1} failed, starting attempt "
+                    f"{tries + 1} as job {step.record.job} (resumes from the newest checkpoint): {why}",
                     "Warning",
                 )
             )
             step.wants_pods = wants
-            took = _seconds_between(attempt_start, attempt_end)
-            step.finished.append(StageResult(stage.value, "retried", took))
+            step.finished.append(
+                StageResult(stage.value, "retried", _seconds_between(attempt_start, attempt_end))
+            )
             return step
         record = StageStatus(
             phase=StagePhase.FAILED,
@@ -313,15 +258,24 @@ class _Planner:
         )
         step = _Step(phase=StagePhase.FAILED, record=record, failure_reason=self.exhausted_reason())
         step.events.append(
-            Event(
-                STAGE_FAILED,
-                f"stage {stage.value} failed after {kid.attempt + 1} attempt(s): {why}",
-                "Warning",
-            )
+            Event(STAGE_FAILED, f"stage {stage.value} failed after {tries} attempt(s): {why}", "Warning")
         )
         step.wants_pods = wants
         step.finished.append(
             StageResult(stage.value, "failed", _seconds_between(record.start_time, attempt_end))
+        )
+        return step
+
+    def replace(self, stage: Stage, rec: StageStatus | None, kid: Child) -> _Step:
+        """The spec changed under an attempt that has not started: a new attempt takes its place."""
+        step = self.start(stage, kid.attempt + 1, rec, kid.failures)
+        step.delete.append(kid.name)
+        step.events.append(
+            Event(
+                ATTEMPT_REPLACED,
+                f"stage {stage.value}: job {kid.name} had not started and the spec changed "
+                f"(generation {self.run.metadata.generation}); replaced by job {step.record.job}",
+            )
         )
         return step
 
@@ -338,7 +292,7 @@ class _Planner:
         elif kid.state.phase in (JobPhase.RUNNING, JobPhase.RESTARTING):
             phase = StagePhase.RUNNING
         else:
-            phase = StagePhase.PENDING if kid.attempt == 0 else StagePhase.RETRYING
+            phase = StagePhase.PENDING if kid.failures == 0 else StagePhase.RETRYING
         record = StageStatus(
             phase=phase,
             job=kid.name,
@@ -349,158 +303,38 @@ class _Planner:
         return _Step(phase=phase, record=record, patch=patch)
 
 
-def _condition(
-    previous: Mapping[str, Mapping[str, Any]],
-    ctype: str,
-    status: str,
-    reason: str,
-    message: str,
-    now: str,
-    generation: int | None,
-) -> dict[str, Any]:
-    old = previous.get(ctype) or {}
-    same = old.get("status") == status
-    cond = {
-        "type": ctype,
-        "status": status,
-        "reason": reason,
-        "message": message,
-        "lastTransitionTime": old.get("lastTransitionTime", now) if same else now,
-    }
-    if generation is not None:
-        cond["observedGeneration"] = generation
-    return cond
-
-
-def _conditions(
-    current: list[Mapping[str, Any]],
-    phase: Phase,
-    failure: tuple[str, str] | None,
-    job: str | None,
-    now: str,
-    generation: int | None,
-) -> list[dict[str, Any]]:
-    """Succeeded/Failed/Suspended/Queued for this phase, keeping transition times that did not move."""
-    prev = {c.get("type", ""): c for c in current}
-
-    def was(ctype: str, reason: str) -> bool:
-        """True before, or already flipped back for `reason`: the reason of a False stays put."""
-        old = prev.get(ctype) or {}
-        return old.get("status") == "True" or old.get("reason") == reason
-
-    if phase is Phase.SUCCEEDED:
-        succeeded = ("True", "AllStagesSucceeded", "every stage succeeded")
-    elif failure:
-        succeeded = ("False", failure[0], failure[1])
-    else:
-        succeeded = ("Unknown", phase.value, f"the run is {phase.value.lower()}")
-    failed = ("True", *failure) if failure else ("False", "NotFailed", "")
-    if phase is Phase.SUSPENDED:
-        suspended = (
-            "True",
-            "Suspended",
-            f"spec.suspend is true; job {job} is suspended (its pods are deleted)",
-        )
-    else:
-        suspended = ("False", "Resumed" if was(SUSPENDED, "Resumed") else "NotSuspended", "")
-    if phase is Phase.QUEUED:
-        queued = (
-            "True",
-            "JobSuspendedByQueue",
-            f"job {job} is suspended until its queue (e.g. Kueue) admits it",
-        )
-    else:
-        queued = ("False", "Admitted" if was(QUEUED, "Admitted") else "NotQueued", "")
-    out = [
-        _condition(prev, ctype, *values, now, generation)
-        for ctype, values in zip(CONDITION_TYPES, (succeeded, failed, suspended, queued), strict=True)
-    ]
-    out += [dict(c) for t, c in prev.items() if t not in CONDITION_TYPES]  # someone else's: keep
-    return out
-
-
-def _run_events(
-    current: list[Mapping[str, Any]],
-    new: list[dict[str, Any]],
-    old_phase: str | None,
-    phase: Phase,
-    stage: str | None,
-) -> list[Event]:
-    """Events for run-level transitions: Suspended, Resumed, Queued, RunSucceeded."""
-    before = {c.get("type"): c.get("status") for c in current}
-    after = {c["type"]: c["status"] for c in new}
-    events = []
-    if after[SUSPENDED] == "True" and before.get(SUSPENDED) != "True":
-        events.append(Event(EVENT_SUSPENDED, f"suspended at stage {stage}; set spec.suspend=false to resume"))
-    if after[SUSPENDED] != "True" and before.get(SUSPENDED) == "True":
-        events.append(Event(EVENT_RESUMED, f"resumed at stage {stage} from its newest checkpoint"))
-    if after[QUEUED] == "True" and before.get(QUEUED) != "True":
-        events.append(Event(EVENT_QUEUED, f"stage {stage} is queued: its job waits for admission"))
-    if phase is Phase.SUCCEEDED and old_phase != Phase.SUCCEEDED.value:
-        events.append(Event(RUN_SUCCEEDED, "every stage succeeded"))
-    return events
-
-
-def _stage_patch(old: Mapping[str, Any] | None, new: StageStatus | None) -> dict[str, Any] | None:
-    """Merge patch turning one stage record into another (None keys delete stale fields)."""
-    if new is None:
-        return None
-    desired = new.to_k8s()
-    return {**{k: None for k in (old or {}) if k not in desired}, **desired}
-
-
-def _status_patch(status: Mapping[str, Any], desired: Mapping[str, Any]) -> dict[str, Any]:
-    """Only what differs from the current status, so a converged run costs no write."""
-    patch: dict[str, Any] = {}
-    for key, value in desired.items():
-        if key == "stages":
-            old_stages = status.get("stages") or {}
-            changed = {}
-            for name, record in value.items():
-                old = old_stages.get(name)
-                wanted = _stage_patch(old, record)
-                if wanted is None:
-                    if old is not None:
-                        changed[name] = None
-                elif {k: v for k, v in wanted.items() if v is not None} != (old or {}):
-                    changed[name] = wanted
-            if changed:
-                patch["stages"] = changed
-        elif status.get(key) != value:
-            patch[key] = value
-    return patch
-
-
 def _invalid(body: Mapping[str, Any], error: ValidationError, now: datetime) -> Plan:
-    """A run the operator cannot read: report it, touch nothing; fixed by editing the spec."""
+    """A run that cannot be read: report it, touch nothing; fixed by editing the spec."""
     status = body.get("status") or {}
     generation = (body.get("metadata") or {}).get("generation")
     problems = "; ".join(
         f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in error.errors(include_url=False)
     )[:2048]
     failure = (REASON_INVALID_SPEC, f"spec is invalid: {problems}")
-    conditions = _conditions(
+    conds = conditions(
         status.get("conditions") or [], Phase.FAILED, failure, None, timestamp(now), generation
     )
-    desired = {"observedGeneration": generation, "phase": Phase.FAILED.value, "conditions": conditions}
+    desired = {"observedGeneration": generation, "phase": Phase.FAILED.value, "conditions": conds}
     events = []
     old_failed = {c.get("type"): c for c in status.get("conditions") or []}.get(FAILED) or {}
     if old_failed.get("reason") != REASON_INVALID_SPEC:
         events.append(Event(REASON_INVALID_SPEC, failure[1], "Warning"))
-    return Plan(status=_status_patch(status, desired), events=tuple(events), phase=Phase.FAILED.value)
+    return Plan(status=status_patch(status, desired), events=tuple(events), phase=Phase.FAILED.value)
 
 
 def plan(
     body: Mapping[str, Any],
     children: Iterable[Mapping[str, Any]],
     now: datetime,
+    *,
+    backend: Backend,
     pods: Mapping[str, list[Mapping[str, Any]]] | None = None,
-    backend: Backend = PYTORCHJOB,
 ) -> Plan:
-    """The next step for one LlavaRun (body as read from the apiserver) given its child jobs.
+    """The next step for one LlavaRun (body as read from the apiserver) given its children.
 
     `pods` maps a failed child's name to its pods, when the caller listed them because the
-    previous plan asked (`wants_pods`); it only improves failure messages.
+    previous plan asked (`wants_pods`); it only improves failure messages. A caller that never
+    lists pods passes {}.
     """
     try:
         run = LlavaRun.from_k8s({k: v for k, v in body.items() if k != "status"})
@@ -508,10 +342,12 @@ def plan(
         return _invalid(body, err, now)
     status = body.get("status") or {}
     records = _records(status)
+    observed = observe(children, run.metadata.uid, backend)
     kids: dict[Stage, dict[int, Child]] = {}
-    for child in observe(children, run.metadata.uid, backend):
+    for child in observed:
         kids.setdefault(child.stage, {})[child.attempt] = child
-    planner = _Planner(run, now, backend, pods)
+    marked = any(k.has_run_objects for k in observed)
+    planner = _Planner(run, now, backend, pods, marked)
 
     stages = list(run.spec.stages)
     started = [i for i, s in enumerate(stages) if s.value in records or kids.get(s)]
@@ -526,8 +362,8 @@ def plan(
             current = stage
             break
 
-    # Stages removed from spec.stages are cancelled: their active jobs go, their records too.
-    delete: list[str] = []
+    # Stages removed from spec.stages are cancelled: their active children go, their records too.
+    delete = [name for st in steps.values() for name in st.delete]
     events: list[Event] = []
     removed = {s for s in Stage if s not in stages}
     for stage in sorted(removed, key=list(Stage).index):
@@ -545,9 +381,17 @@ def plan(
     last = current or effective[-1]
     step = steps[last]
     phase = _RUN_PHASE[step.phase]
+    create = [obj for st in steps.values() for obj in st.create]
+    patch = [p for st in steps.values() for p in st.patch]
+    run_objects = backend.run_objects(run)
+    if run_objects and not marked and phase not in (Phase.SUCCEEDED, Phase.FAILED) and step.record.job:
+        # Until a child records them, (re)create the run's objects around the current child and
+        # record them on it: an operator killed between any two of these steps repeats them.
+        create = [*run_objects.before, *create, *run_objects.after]
+        patch.append((step.record.job, MARK_RUN_OBJECTS))
     failure = (step.failure_reason, step.record.message or "") if step.phase is StagePhase.FAILED else None
     generation = run.metadata.generation
-    conditions = _conditions(
+    conds = conditions(
         status.get("conditions") or [], phase, failure, step.record.job, planner.now, generation
     )
     stage_records: dict[str, StageStatus | None] = {s.value: st.record for s, st in steps.items()}
@@ -558,16 +402,16 @@ def plan(
         "stage": last.value,
         "currentJob": step.record.job,
         "stages": stage_records,
-        "conditions": conditions,
+        "conditions": conds,
     }
     for st in steps.values():
         events += st.events
-    events += _run_events(status.get("conditions") or [], conditions, status.get("phase"), phase, last.value)
+    events += run_events(status.get("conditions") or [], conds, status.get("phase"), phase, last.value)
     return Plan(
-        create=tuple(obj for st in steps.values() for obj in st.create),
-        patch=tuple(p for st in steps.values() for p in st.patch),
+        create=tuple(create),
+        patch=tuple(patch),
         delete=tuple(delete),
-        status=_status_patch(status, desired),
+        status=status_patch(status, desired),
         events=tuple(events),
         finished=tuple(r for st in steps.values() for r in st.finished),
         wants_pods=tuple(n for st in steps.values() for n in st.wants_pods),

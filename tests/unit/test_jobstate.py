@@ -1,4 +1,5 @@
-"""Reading a PyTorchJob as one stage attempt: conditions as the training-operator writes them."""
+"""The PyTorchJob backend: reading a job as one stage attempt (conditions as the training-operator
+writes them), rendering, suspension, RBAC and where a failure's log is."""
 
 from __future__ import annotations
 
@@ -6,8 +7,14 @@ from typing import Any
 
 import pytest
 from llava_operator.api import LlavaRun, Stage
-from llava_operator.backend import PYTORCHJOB, SUSPEND_ANNOTATION, applied_suspend
-from llava_operator.jobstate import JobPhase, describe_failed_pod, failed_pod_hint, pytorchjob_state
+from llava_operator.backend import SPEC_HASH_ANNOTATION, SUSPEND_ANNOTATION, applied_suspend
+from llava_operator.backends.pytorchjob import (
+    PYTORCHJOB,
+    describe_failed_pod,
+    failed_pod_hint,
+    pytorchjob_state,
+)
+from llava_operator.jobstate import JobPhase
 
 
 def job(*conditions: tuple[str, str], suspend: bool = False, **status: Any) -> dict[str, Any]:
@@ -107,15 +114,19 @@ def test_describe_failed_pod_without_failures() -> None:
     assert describe_failed_pod([]) is None
 
 
-def test_backend_records_the_applied_suspend_on_the_child() -> None:
-    run = LlavaRun.from_k8s(
+def llavarun(**spec: Any) -> LlavaRun:
+    return LlavaRun.from_k8s(
         {
             "apiVersion": "llavarun.io/v1alpha1",
             "kind": "LlavaRun",
             "metadata": {"name": "r", "namespace": "ns", "uid": "u"},
-            "spec": {"image": "img", "suspend": True, "storage": {"data": {"source": {"emptyDir": {}}}}},
+            "spec": {"image": "img", "storage": {"data": {"source": {"emptyDir": {}}}}, **spec},
         }
     )
+
+
+def test_backend_records_the_applied_suspend_on_the_child() -> None:
+    run = llavarun(suspend=True)
     child = PYTORCHJOB.render(run, Stage.PRETRAIN, 0)
     assert child["metadata"]["annotations"][SUSPEND_ANNOTATION] == "true"
     assert child["spec"]["runPolicy"]["suspend"] is True
@@ -129,3 +140,54 @@ def test_backend_suspend_patch_touches_only_suspension() -> None:
         "spec": {"runPolicy": {"suspend": False}},
     }
     assert PYTORCHJOB.pod_selector("r-pretrain-r1") == "training.kubeflow.org/job-name=r-pretrain-r1"
+
+
+@pytest.mark.parametrize(
+    ("conditions", "replicas", "started"),
+    [
+        ((), {}, False),
+        ((("Created", "True"),), {"Master": {}}, False),
+        ((("Created", "True"), ("Suspended", "True")), {"Master": {"active": 0}}, False),
+        ((("Created", "True"),), {"Master": {}, "Worker": {"active": 1}}, True),
+        ((("Created", "True"), ("Running", "True")), {"Master": {"active": 1}}, True),
+        ((("Created", "True"), ("Running", "False"), ("Suspended", "True")), {"Master": {}}, True),
+        ((("Created", "True"), ("Failed", "True")), {"Master": {"failed": 1}}, True),
+    ],
+    ids=["new", "pods pending", "created suspended", "a worker runs", "running", "preempted", "failed"],
+)
+def test_a_job_has_started_once_any_of_its_pods_ran(
+    conditions: tuple[tuple[str, str], ...], replicas: dict, started: bool
+) -> None:
+    assert pytorchjob_state(job(*conditions, replicaStatuses=replicas)).started is started
+
+
+def test_the_spec_hash_ignores_suspension_and_follows_what_the_job_runs() -> None:
+    def hashed(run: LlavaRun) -> str:
+        return PYTORCHJOB.render(run, Stage.PRETRAIN, 0)["metadata"]["annotations"][SPEC_HASH_ANNOTATION]
+
+    base = hashed(llavarun())
+    assert hashed(llavarun(suspend=True)) == base
+    assert hashed(llavarun(evaluate={"maxNewTokens": 7})) == base
+    assert hashed(llavarun(image="img:2")) != base
+    assert hashed(llavarun(placement={"queueName": "q"})) != base
+
+
+def test_run_objects_are_the_service_account_before_and_the_status_rbac_after() -> None:
+    objects = PYTORCHJOB.run_objects(llavarun())
+    assert [o["kind"] for o in objects.before] == ["ServiceAccount"]
+    assert [o["kind"] for o in objects.after] == ["Role", "RoleBinding"]
+    named = PYTORCHJOB.run_objects(llavarun(serviceAccountName="mine"))
+    assert (named.before, [o["kind"] for o in named.after]) == ((), ["Role", "RoleBinding"])
+
+
+def test_where_to_look_names_the_pod_and_its_log_command() -> None:
+    failed = pytorchjob_state(job(("Failed", "True"), replicaStatuses={"Master": {"failed": 1}}))
+    assert PYTORCHJOB.where_to_look("r-pretrain", failed, "ns", []) == (
+        "pod r-pretrain-master-0 (kubectl logs -n ns r-pretrain-master-0 -c pytorch)"
+    )
+    pods = [pod("r-pretrain-worker-0", "Failed", 137, "OOMKilled", "2026-01-01T00:10:00Z")]
+    assert PYTORCHJOB.where_to_look("r-pretrain", failed, "ns", pods) == (
+        "pod r-pretrain-worker-0: exit code 137, OOMKilled (kubectl logs -n ns r-pretrain-worker-0 -c pytorch)"
+    )
+    worker = pytorchjob_state(job(("Failed", "True"), replicaStatuses={"Worker": {"failed": 1}}))
+    assert PYTORCHJOB.where_to_look("r-pretrain", worker, "ns", []) == ""

@@ -1,140 +1,18 @@
-"""plan(): every transition of a LlavaRun, driven through an in-memory apiserver.
-
-`World` holds the run and its child jobs the way the apiserver would after each plan is applied
-(create = 409 when the name exists, JSON merge patches), and plays the training-operator by
-setting a child's conditions. Tests read as: apply a run, move a job, look at what the operator did.
-"""
+"""plan(): every transition of a LlavaRun, driven through an in-memory apiserver (tests/plan_world.py)
+with the PyTorchJob backend. Tests read as: apply a run, move a job, look at what the operator did."""
 
 from __future__ import annotations
 
-import copy
-from datetime import UTC, datetime, timedelta
-from typing import Any
+from datetime import timedelta
 
 import pytest
 from llava_operator.api.spec import MAX_RUN_NAME_LENGTH
-from llava_operator.backend import SUSPEND_ANNOTATION
+from llava_operator.backend import RUN_OBJECTS_ANNOTATION
+from llava_operator.conditions import REASON_BACKOFF_LIMIT, REASON_STAGE_FAILED
 from llava_operator.naming import job_name
-from llava_operator.plan import (
-    REASON_BACKOFF_LIMIT,
-    REASON_INVALID_SPEC,
-    REASON_STAGE_FAILED,
-    Plan,
-    plan,
-)
+from llava_operator.plan import Plan
 
-T0 = datetime(2026, 11, 26, 12, 0, 0, tzinfo=UTC)
-
-
-def merge_patch(target: Any, patch: Any) -> Any:
-    """RFC 7386, as the apiserver applies `application/merge-patch+json`."""
-    if not isinstance(patch, dict):
-        return copy.deepcopy(patch)
-    out = dict(target) if isinstance(target, dict) else {}
-    for key, value in patch.items():
-        if value is None:
-            out.pop(key, None)
-        else:
-            out[key] = merge_patch(out.get(key), value)
-    return out
-
-
-def run_body(name: str = "r1", uid: str = "uid-1", **spec: Any) -> dict[str, Any]:
-    return {
-        "apiVersion": "llavarun.io/v1alpha1",
-        "kind": "LlavaRun",
-        "metadata": {"name": name, "namespace": "ns", "uid": uid, "generation": 1},
-        "spec": {"image": "img:1", "storage": {"data": {"source": {"emptyDir": {}}}}, **spec},
-    }
-
-
-class World:
-    """The apiserver as the operator sees it, plus a hand on the training-operator."""
-
-    def __init__(self, body: dict[str, Any]) -> None:
-        self.run = body
-        self.jobs: dict[str, dict[str, Any]] = {}
-        self.rbac: dict[tuple[str, str], dict[str, Any]] = {}
-        self.events: list[tuple[str, str, str]] = []
-        self.now = T0
-        self.creates = 0
-
-    # --- the operator side -----------------------------------------------------------------------
-
-    def plan(self, children: list[dict[str, Any]] | None = None, pods: Any = None) -> Plan:
-        seen = list(self.jobs.values()) if children is None else children
-        return plan(copy.deepcopy(self.run), copy.deepcopy(seen), self.now, pods=pods)
-
-    def apply(self, p: Plan) -> Plan:
-        for obj in p.create:
-            self.creates += 1
-            if obj["kind"] == "PyTorchJob":
-                self.jobs.setdefault(obj["metadata"]["name"], copy.deepcopy(obj))
-            else:
-                self.rbac.setdefault((obj["kind"], obj["metadata"]["name"]), obj)
-        for name, patch in p.patch:
-            self.jobs[name] = merge_patch(self.jobs[name], patch)
-        for name in p.delete:
-            self.jobs.pop(name, None)
-        if p.status:
-            self.run["status"] = merge_patch(self.run.get("status") or {}, p.status)
-        self.events += [(e.type, e.reason, e.message) for e in p.events]
-        return p
-
-    def reconcile(self, pods: Any = None) -> Plan:
-        p = self.plan(pods=pods)
-        if p.wants_pods and pods is None:
-            p = self.plan(pods={name: [] for name in p.wants_pods})
-        return self.apply(p)
-
-    def settle(self) -> None:
-        """Reconcile until nothing changes (what the watch + resync do)."""
-        for _ in range(10):
-            if not self.reconcile().status and not self.plan().create:
-                return
-        raise AssertionError("the plan does not converge")
-
-    # --- the training-operator side --------------------------------------------------------------
-
-    def finish(self, name: str, outcome: str = "Succeeded", minutes: int = 10, **status: Any) -> None:
-        self.now += timedelta(minutes=minutes)
-        job = self.jobs[name]
-        job.setdefault("metadata", {}).setdefault("creationTimestamp", "2026-11-26T12:00:00Z")
-        job["status"] = {
-            "conditions": [
-                {"type": "Created", "status": "True"},
-                {"type": "Running", "status": "False"},
-                {
-                    "type": outcome,
-                    "status": "True",
-                    "reason": f"PyTorchJob{outcome}",
-                    "message": f"PyTorchJob ns/{name} is {outcome.lower()}.",
-                },
-            ],
-            "completionTime": self.now.strftime("%Y-%m-%dT%H:%M:%SZ"),
-            **status,
-        }
-
-    def running(self, name: str) -> None:
-        self.jobs[name]["status"] = {
-            "conditions": [{"type": "Created", "status": "True"}, {"type": "Running", "status": "True"}]
-        }
-
-    def kueue_suspends(self, name: str, suspend: bool = True) -> None:
-        self.jobs[name]["spec"]["runPolicy"]["suspend"] = suspend
-
-    # --- reading ---------------------------------------------------------------------------------
-
-    @property
-    def status(self) -> dict[str, Any]:
-        return self.run.get("status") or {}
-
-    def condition(self, ctype: str) -> dict[str, Any]:
-        return next(c for c in self.status["conditions"] if c["type"] == ctype)
-
-    def reasons(self) -> list[str]:
-        return [reason for _, reason, _ in self.events]
-
+from tests.plan_world import World, run_body
 
 # --- a new run -------------------------------------------------------------------------------------
 
@@ -391,161 +269,6 @@ def test_retry_created_but_not_yet_observed_is_not_retried_twice() -> None:
     assert p.events == ()
 
 
-# --- suspend, resume and Kueue ---------------------------------------------------------------------
-
-
-def test_suspend_patches_only_the_current_child_and_only_once() -> None:
-    w = World(run_body(stages=["prepare", "pretrain"]))
-    w.reconcile()
-    w.finish("r1-prepare")
-    w.reconcile()
-    w.running("r1-pretrain")
-    w.run["spec"]["suspend"] = True
-    p = w.reconcile()
-    assert p.patch == (
-        (
-            "r1-pretrain",
-            {
-                "metadata": {"annotations": {SUSPEND_ANNOTATION: "true"}},
-                "spec": {"runPolicy": {"suspend": True}},
-            },
-        ),
-    )
-    assert w.status["phase"] == "Suspended"
-    assert w.condition("Suspended")["status"] == "True"
-    assert w.reasons()[-1] == "Suspended"
-    assert w.reconcile().patch == ()
-
-
-def test_resume_unsuspends_and_emits_resumed() -> None:
-    w = World(run_body(stages=["pretrain"], suspend=True))
-    w.reconcile()
-    assert w.jobs["r1-pretrain"]["spec"]["runPolicy"]["suspend"] is True
-    assert w.status["phase"] == "Suspended"
-    w.run["spec"]["suspend"] = False
-    p = w.reconcile()
-    assert p.patch[0][1]["spec"]["runPolicy"]["suspend"] is False
-    assert w.status["phase"] == "Pending"
-    assert w.condition("Suspended")["reason"] == "Resumed"
-    assert w.reasons()[-1] == "Resumed"
-    w.running("r1-pretrain")
-    w.reconcile()
-    assert w.condition("Suspended")["reason"] == "Resumed"
-    assert w.reasons().count("Resumed") == 1
-
-
-def test_kueue_suspension_is_queued_and_never_overridden() -> None:
-    w = World(run_body(stages=["pretrain"]))
-    w.reconcile()
-    w.kueue_suspends("r1-pretrain")
-    p = w.reconcile()
-    assert p.patch == ()
-    assert w.status["phase"] == "Queued"
-    assert w.condition("Queued")["status"] == "True"
-    assert w.condition("Suspended")["status"] == "False"
-    assert w.reasons()[-1] == "Queued"
-    w.kueue_suspends("r1-pretrain", False)  # admitted
-    w.running("r1-pretrain")
-    p = w.reconcile()
-    assert p.patch == ()
-    assert w.status["phase"] == "Running"
-    assert w.condition("Queued")["reason"] == "Admitted"
-
-
-def test_kueue_preemption_after_a_user_resume_is_not_fought() -> None:
-    w = World(run_body(stages=["pretrain"], suspend=True))
-    w.reconcile()
-    w.run["spec"]["suspend"] = False
-    w.reconcile()
-    w.kueue_suspends("r1-pretrain")  # preempted later
-    p = w.reconcile()
-    assert p.patch == ()
-    assert w.status["phase"] == "Queued"
-
-
-def test_next_stage_of_a_suspended_run_is_created_suspended() -> None:
-    w = World(run_body(stages=["prepare", "pretrain"]))
-    w.reconcile()
-    w.run["spec"]["suspend"] = True
-    w.reconcile()
-    w.finish("r1-prepare")  # finished while being suspended
-    w.reconcile()
-    job = w.jobs["r1-pretrain"]
-    assert job["spec"]["runPolicy"]["suspend"] is True
-    assert job["metadata"]["annotations"][SUSPEND_ANNOTATION] == "true"
-    assert w.status["phase"] == "Suspended"
-
-
-# --- spec edits ------------------------------------------------------------------------------------
-
-
-def test_spec_edits_apply_to_stages_not_yet_started() -> None:
-    w = World(run_body(stages=["prepare", "pretrain"]))
-    w.reconcile()
-    w.run["spec"]["image"] = "img:2"
-    w.run["metadata"]["generation"] = 2
-    p = w.reconcile()
-    assert p.patch == () and p.create == ()
-    assert (
-        w.jobs["r1-prepare"]["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0][
-            "image"
-        ]
-        == "img:1"
-    )
-    w.finish("r1-prepare")
-    w.reconcile()
-    pretrain = w.jobs["r1-pretrain"]
-    assert (
-        pretrain["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0]["image"]
-        == "img:2"
-    )
-    assert pretrain["metadata"]["annotations"]["llavarun.io/generation"] == "2"
-
-
-def test_removing_the_running_stage_cancels_it() -> None:
-    w = World(run_body(stages=["prepare", "pretrain", "evaluate"]))
-    w.reconcile()
-    w.finish("r1-prepare")
-    w.reconcile()
-    w.running("r1-pretrain")
-    w.run["spec"]["stages"] = ["prepare", "evaluate"]
-    p = w.reconcile()
-    assert p.delete == ("r1-pretrain",)
-    assert "pretrain" not in w.status["stages"]
-    assert w.status["currentJob"] == "r1-evaluate"
-    assert "StageCancelled" in w.reasons()
-
-
-def test_a_stage_inserted_before_a_started_one_is_skipped() -> None:
-    w = World(run_body(stages=["pretrain", "evaluate"]))
-    w.reconcile()
-    w.run["spec"]["stages"] = ["prepare", "pretrain", "evaluate"]
-    p = w.reconcile()
-    assert p.create == ()
-    w.finish("r1-pretrain")
-    w.reconcile()
-    w.finish("r1-evaluate")
-    w.reconcile()
-    assert "r1-prepare" not in w.jobs
-    assert w.status["phase"] == "Succeeded"
-
-
-def test_invalid_spec_is_reported_and_recovers_when_fixed() -> None:
-    w = World(run_body(stages=["pretrain"]))
-    w.run["spec"]["pretrain"] = {"globalBatchSize": 100}  # not divisible by 32 x 8
-    p = w.reconcile()
-    assert p.create == ()
-    assert w.condition("Failed")["reason"] == REASON_INVALID_SPEC
-    assert "globalBatchSize" in w.condition("Failed")["message"]
-    assert w.reasons() == ["InvalidSpec"]
-    assert w.reconcile().events == ()
-    w.run["spec"]["pretrain"] = {"globalBatchSize": 256}
-    w.reconcile()
-    assert w.status["phase"] == "Pending"
-    assert w.condition("Failed")["status"] == "False"
-    assert "r1-pretrain" in w.jobs
-
-
 # --- ownership and status subtrees -----------------------------------------------------------------
 
 
@@ -648,12 +371,65 @@ def job_of(p):
     return job
 
 
-def test_later_stages_create_only_their_job_and_retries_reissue_the_rbac() -> None:
-    """RBAC creates are the apiserver's costliest requests: once per run, again on a retry."""
+def test_once_a_job_records_the_rbac_later_stages_and_retries_create_only_their_job() -> None:
+    """RBAC creates are the apiserver's costliest requests: once per run (the job records it)."""
     w = World(run_body(stages=["prepare", "pretrain"], retries=1))
-    w.reconcile()
+    p = w.reconcile()
+    assert [o["kind"] for o in p.create] == ["ServiceAccount", "PyTorchJob", "Role", "RoleBinding"]
+    assert p.patch == (("r1-prepare", {"metadata": {"annotations": {RUN_OBJECTS_ANNOTATION: "true"}}}),)
     w.finish("r1-prepare")
     assert [o["kind"] for o in w.reconcile().create] == ["PyTorchJob"]
     w.finish("r1-pretrain", outcome="Failed")
-    kinds = [o["kind"] for o in w.reconcile().create]
-    assert kinds == ["ServiceAccount", "PyTorchJob", "Role", "RoleBinding"]
+    assert [o["kind"] for o in w.reconcile().create] == ["PyTorchJob"]
+    assert w.jobs["r1-pretrain-r1"]["metadata"]["annotations"][RUN_OBJECTS_ANNOTATION] == "true"
+
+
+def test_rbac_is_created_again_when_no_job_records_it() -> None:
+    """Finished jobs deleted (ttl) take the record with them: the current job gets it again."""
+    w = World(run_body(stages=["prepare", "pretrain"]))
+    w.reconcile()
+    w.finish("r1-prepare")
+    w.reconcile()
+    del w.jobs["r1-prepare"]
+    del w.jobs["r1-pretrain"]["metadata"]["annotations"][RUN_OBJECTS_ANNOTATION]
+    p = w.reconcile()
+    assert [o["kind"] for o in p.create] == ["ServiceAccount", "Role", "RoleBinding"]
+    assert p.patch == (("r1-pretrain", {"metadata": {"annotations": {RUN_OBJECTS_ANNOTATION: "true"}}}),)
+
+
+START_STEPS = 6
+"""The first plan of a run: ServiceAccount, job, Role, RoleBinding, the job's record, the status."""
+
+
+@pytest.mark.parametrize("crash_after", range(START_STEPS))
+def test_an_operator_killed_at_any_step_of_a_run_start_leaves_nothing_missing(crash_after: int) -> None:
+    """Only the first `crash_after` steps of the first plan happen; a new operator takes over: the
+    run ends with its ServiceAccount, Role and RoleBinding (else the trainer's status writes get
+    403 for the whole run), one job, and the status a crash-free start gives."""
+    clean = World(run_body(stages=["prepare"]))
+    clean.settle()
+    w = World(run_body(stages=["prepare"]))
+    first = w.plan()
+    steps = [*first.create, *first.patch, first.status]
+    assert len(steps) == START_STEPS
+    done = steps[:crash_after]
+    w.apply(
+        Plan(
+            create=tuple(x for x in done if isinstance(x, dict) and "kind" in x),
+            patch=tuple(x for x in done if isinstance(x, tuple)),
+            status=first.status if any(x is first.status for x in done) else {},
+        )
+    )
+    w.settle()
+    assert (
+        sorted(w.rbac)
+        == sorted(clean.rbac)
+        == [
+            ("Role", "r1-status-writer"),
+            ("RoleBinding", "r1-status-writer"),
+            ("ServiceAccount", "r1-trainer"),
+        ]
+    )
+    assert list(w.jobs) == ["r1-prepare"]
+    assert w.jobs["r1-prepare"]["metadata"]["annotations"][RUN_OBJECTS_ANNOTATION] == "true"
+    assert w.status == clean.status

@@ -1,0 +1,67 @@
+"""The run's children as the plan sees them: owned by the run, labelled with their stage and
+attempt, read through the backend, with the records the plan keeps on them (annotations)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from .api import Stage
+from .backend import (
+    FAILURES_ANNOTATION,
+    RUN_OBJECTS_ANNOTATION,
+    SPEC_HASH_ANNOTATION,
+    Backend,
+    annotations,
+    applied_suspend,
+)
+from .jobstate import JobState
+from .naming import LABEL_ATTEMPT, LABEL_STAGE
+
+
+@dataclass(frozen=True)
+class Child:
+    """One observed child of the run, with the records the plan keeps on it."""
+
+    name: str
+    stage: Stage
+    attempt: int
+    state: JobState
+    created: str | None
+    applied_suspend: bool | None
+    failures: int
+    """Failed attempts of the stage before this one."""
+    spec_hash: str | None
+    has_run_objects: bool
+
+
+def observe(children: Iterable[Mapping[str, Any]], uid: str | None, backend: Backend) -> list[Child]:
+    """Children owned by this run (a same-named predecessor's children are still being collected)."""
+    out = []
+    for child in children:
+        meta = child.get("metadata") or {}
+        owners = meta.get("ownerReferences") or []
+        if uid and not any(o.get("uid") == uid and o.get("controller") for o in owners):
+            continue
+        labels = meta.get("labels") or {}
+        notes = annotations(child)
+        try:
+            stage, attempt = Stage(labels[LABEL_STAGE]), int(labels[LABEL_ATTEMPT])
+            failures = int(notes.get(FAILURES_ANNOTATION, attempt))  # older children: every retry failed
+        except (KeyError, ValueError):
+            continue
+        out.append(
+            Child(
+                name=meta["name"],
+                stage=stage,
+                attempt=attempt,
+                state=backend.state(child),
+                created=meta.get("creationTimestamp"),
+                applied_suspend=applied_suspend(child),
+                failures=failures,
+                spec_hash=notes.get(SPEC_HASH_ANNOTATION),
+                has_run_objects=notes.get(RUN_OBJECTS_ANNOTATION) == "true",
+            )
+        )
+    return out
