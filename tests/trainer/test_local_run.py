@@ -117,6 +117,8 @@ def test_tiny_example_runs_all_four_stages_and_reports(data_dir_copy: Path):
 def test_failing_stage_is_retried_then_fails_quoting_the_error_and_the_log(
     data_dir_copy: Path, tmp_path: Path
 ):
+    """The operator's vocabulary: retries exhausted is BackoffLimitExceeded, the message names the
+    failed job, quotes its error and (locally) its log."""
     # prepare fails fast on a training JSON that is not JSON, so both attempts are cheap.
     (data_dir_copy / "LLaVA-Pretrain" / "blip_laion_cc_sbu_558k.json").write_text("not json")
     run = tiny_run(tmp_path, stages=["prepare", "pretrain"], retries=1)
@@ -127,14 +129,39 @@ def test_failing_stage_is_retried_then_fails_quoting_the_error_and_the_log(
     assert status["stages"]["prepare"]["attempts"] == 2
     assert "pretrain" not in status["stages"], "a later stage never starts after a failure"
     failed = next(c for c in status["conditions"] if c["type"] == "Failed")
-    assert failed["status"] == "True" and failed["reason"] == "RetriesExhausted"
+    assert (failed["status"], failed["reason"]) == ("True", "BackoffLimitExceeded")
     log = data_dir_copy / "Output" / "logs" / "llava-tiny-prepare-r1.log"
     error = "blip_laion_cc_sbu_558k.json: invalid JSON array at byte 0"
-    assert "llava-tiny-prepare-r1 exited 2: llava-trainer prepare: " in failed["message"]
-    assert error in failed["message"] and f"log: {log}" in failed["message"]
+    assert failed["message"].startswith("job llava-tiny-prepare-r1 failed: exited 2: llava-trainer prepare: ")
+    assert error in failed["message"] and failed["message"].endswith(f"; log: {log}")
     assert error in log.read_text()
     # Each attempt's failure is said as it happens, with its error.
+    assert "StageRetrying: stage prepare attempt 1/2 failed" in result.stdout
+    assert "StageFailed: stage prepare failed after 2 attempt(s)" in result.stdout
     assert result.stdout.count(error) >= 3  # retrying, failed, and the run's summary
+
+
+def test_a_failed_run_is_final_until_started_fresh(data_dir_copy: Path, tmp_path: Path):
+    pretrain_json = data_dir_copy / "LLaVA-Pretrain" / "blip_laion_cc_sbu_558k.json"
+    good = pretrain_json.read_text()
+    pretrain_json.write_text("not json")
+    run = tiny_run(tmp_path, stages=["prepare", "pretrain"], retries=0)
+    assert llavarun_local(run, data_dir_copy).returncode == 1
+    failed = next(c for c in status_of(data_dir_copy)["conditions"] if c["type"] == "Failed")
+    assert failed["reason"] == "StageFailed"
+    logs = sorted((data_dir_copy / "Output" / "logs").iterdir())
+
+    pretrain_json.write_text(good)
+    again = llavarun_local(run, data_dir_copy)
+    assert again.returncode == 1, "failure is final, as on a cluster"
+    assert "--fresh" in again.stdout
+    assert sorted((data_dir_copy / "Output" / "logs").iterdir()) == logs, "nothing ran"
+
+    # Started again as a new run (prepare only, to keep the test short): the old failure is gone.
+    fresh = llavarun_local(tiny_run(tmp_path, stages=["prepare"]), data_dir_copy, "--fresh")
+    assert fresh.returncode == 0, fresh.stdout[-3000:]
+    status = status_of(data_dir_copy)
+    assert (status["phase"], status["stages"]["prepare"]["attempts"]) == ("Succeeded", 1)
 
 
 @pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
@@ -146,7 +173,7 @@ def test_a_stop_signal_checkpoints_ends_the_process_group_and_a_rerun_resumes(
     resumes from that checkpoint (after SIGTERM; SIGINT checks the stop only, to save time)."""
     doc = yaml.safe_load(TINY.read_text())
     doc["spec"]["stages"] = ["prepare", "pretrain"]
-    doc["spec"]["pretrain"].update(epochs=3, saveSteps=2)
+    doc["spec"]["pretrain"].update(epochs=30, saveSteps=20)  # ~10 s of steps: time to stop it
     run = tmp_path / "run.yaml"
     run.write_text(yaml.safe_dump(doc))
     argv = local_argv(run, data_dir_copy)
@@ -167,6 +194,7 @@ def test_a_stop_signal_checkpoints_ends_the_process_group_and_a_rerun_resumes(
     suspended = next(c for c in status["conditions"] if c["type"] == "Suspended")
     assert suspended["status"] == "True"
     assert status["stages"]["pretrain"]["phase"] == "Suspended"
+    assert (suspended["reason"], status["observedGeneration"]) == ("Suspended", 2)
     log = data_dir_copy / "Output" / "logs" / "llava-tiny-pretrain.log"
     (terminated,) = [
         json.loads(line) for line in log.read_text().splitlines() if '"event": "terminated"' in line
@@ -180,4 +208,10 @@ def test_a_stop_signal_checkpoints_ends_the_process_group_and_a_rerun_resumes(
     status = status_of(data_dir_copy)
     assert status["phase"] == "Succeeded"
     assert status["stages"]["prepare"]["attempts"] == 1, "a finished stage is not run again"
+    assert status["stages"]["pretrain"]["attempts"] == 1, "the suspended attempt itself was resumed"
     assert '"event": "resume"' in log.read_text()
+    # As on a cluster: suspended (generation 2), resumed (3), and the Suspended condition says so.
+    suspended = next(c for c in status["conditions"] if c["type"] == "Suspended")
+    assert (suspended["status"], suspended["reason"]) == ("False", "Resumed")
+    assert status["observedGeneration"] == 3
+    assert "Resumed: resumed at stage pretrain" in result.stdout

@@ -45,6 +45,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="without a live table (not a terminal, or --plain): a progress line every S seconds (default 30)",
     )
     parser.add_argument(
+        "--fresh",
+        action="store_true",
+        help="start again as a new run, forgetting the previous status and attempts (a failed run is "
+        "final otherwise); logs, checkpoints and outputs stay, training resumes from the checkpoints",
+    )
+    parser.add_argument(
         "--oversubscribe",
         action="store_true",
         help="start a stage even if it has more processes than this machine has CPU cores",
@@ -80,25 +86,30 @@ def main(argv: list[str] | None = None) -> int:
     console.print(
         f"llavarun local: LlavaRun {run.name}: stages {', '.join(s.value for s in run.spec.stages)}"
     )
-    console.print(f"status file: {local.status.path}")
-    with display:
-        code = local.execute()
+    console.print(f"status file: {local.paths.status_file}")
+    try:
+        with display:
+            code = local.execute(fresh=args.fresh)
+    except Refused as refused:
+        print(f"llavarun local: {refused}", file=sys.stderr)
+        return REFUSED_EXIT
     display.finish()
-    status = local.status.read()
+    status = local.status()
+    # Stage times come from the status records (no separately measured ones: outcomes []).
     report = write_report(
-        local.output_root / "report",
-        run.name,
-        [s.value for s in run.spec.stages],
-        status,
-        local.outcomes,
-        view.history,
+        local.output_root / "report", run.name, [s.value for s in run.spec.stages], status, [], view.history
     )
     if code == 0:
         console.print(f"LlavaRun {run.name} succeeded")
     elif code > 128:
-        console.print(f"LlavaRun {run.name} stopped (signal {code - 128}); rerun the same command to resume")
+        console.print(
+            f"LlavaRun {run.name} suspended (signal {code - 128}); rerun the same command to resume"
+        )
     else:
         failed = next((c for c in status.get("conditions", []) if c["type"] == "Failed"), {})
-        console.print(f"LlavaRun {run.name} failed: {failed.get('message', '')}")
+        console.print(f"LlavaRun {run.name} failed ({failed.get('reason', '')}): {failed.get('message', '')}")
+        console.print(
+            "a failed run is final; `--fresh` starts it again as a new run (training resumes from its checkpoints)"
+        )
     console.print(f"report: {report}")
     return code

@@ -10,6 +10,7 @@ and a writable output directory. Nothing is written.
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -20,6 +21,7 @@ from llava_trainer.prepare import LayoutError, check_layout
 from ..api import LlavaRun, Stage
 from ..api.profiles import AcceleratorProfileName
 from ..api.spec import PrepareResources
+from ..backends.local import LocalPaths, cpu_cores
 from ..trainer_command import stage_config
 
 WEIGHTS = ("*.safetensors", "pytorch_model*.bin")
@@ -32,17 +34,6 @@ class Refused(Exception):
     def __init__(self, problems: list[str]) -> None:
         super().__init__("\n".join(problems))
         self.problems = problems
-
-
-def processes(run: LlavaRun, stage: Stage) -> int:
-    """Processes a stage starts: nodes x gpusPerNode (on one host locally); prepare is one."""
-    res = run.spec.stage_config(stage).resources
-    return 1 if isinstance(res, PrepareResources) else res.processes
-
-
-def cpu_cores() -> int:
-    """Cores this process may run on (its affinity mask, which containers and taskset narrow)."""
-    return len(os.sched_getaffinity(0))
 
 
 def _nvidia_devices() -> int:
@@ -160,12 +151,33 @@ def check_output(run: LlavaRun, data_dir: Path) -> list[str]:
     return []
 
 
+def check_state(run: LlavaRun, data_dir: Path) -> list[str]:
+    """The run can start: not suspended in its spec, and its output directory is its own."""
+    problems = []
+    if run.spec.suspend:
+        problems.append(
+            "spec.suspend: true would start nothing; remove it (a stopped run resumes by rerunning)"
+        )
+    stored = LocalPaths(data_dir / run.spec.paths.output).run_file
+    if stored.is_file():
+        try:
+            other = json.loads(stored.read_text())["metadata"]["name"]
+        except (ValueError, KeyError, TypeError):
+            other = None
+        if other is not None and other != run.name:
+            problems.append(
+                f"{stored.parent.parent} holds the state of LlavaRun {other}: use another "
+                "spec.paths.output for this run (or remove that directory)"
+            )
+    return problems
+
+
 def preflight(run: LlavaRun, data_dir: Path, *, oversubscribe: bool = False) -> None:
     """Raise Refused listing every reason this run cannot start here; return when it can."""
     problems = check_processes(run, oversubscribe=oversubscribe)
     if not data_dir.is_dir():
         problems.append(f"--data-dir {data_dir}: not a directory (a tiny one: llava-trainer synth --out DIR)")
     else:
-        problems += [*check_inputs(run, data_dir), *check_output(run, data_dir)]
+        problems += [*check_inputs(run, data_dir), *check_output(run, data_dir), *check_state(run, data_dir)]
     if problems:
         raise Refused(problems)

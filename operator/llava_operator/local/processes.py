@@ -45,6 +45,23 @@ def descendants(root: int) -> list[int]:
     return out
 
 
+def processes_with_env(key: str, value: str) -> list[int]:
+    """Processes whose environment holds KEY=VALUE (those of ours we can read): how a later
+    `llavarun local` finds the processes of an attempt whose supervisor was killed."""
+    wanted = f"{key}={value}".encode()
+    found = []
+    for entry in PROC.iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            env = (entry / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if wanted in env and (stat := _stat(int(entry.name))) is not None and stat[2] != "Z":
+            found.append(int(entry.name))
+    return found
+
+
 def _signal_group(group: int, sig: signal.Signals) -> None:
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(group, sig)
