@@ -1,5 +1,6 @@
 """A real Kubernetes control plane (etcd, kube-apiserver, scheduler, controller-manager, kwok,
-Kubeflow training-operator) built from Go modules and run on loopback for tests.
+Kubeflow training-operator, JobSet and Kubeflow Trainer v2 controllers) built from Go modules and
+run on loopback for tests.
 
 See tests/cluster/README.md. Pytest fixtures live in :mod:`tests.cluster.fixtures`.
 """
@@ -9,11 +10,14 @@ from .controlplane import (
     EXIT_CODE_ANNOTATION,
     FULL,
     GPU_RESOURCE,
+    JOBSET,
     KWOK,
     OPTIONAL_COMPONENTS,
     OUTCOME_LABEL,
     RUN_DURATION_ANNOTATION,
     SCHEDULER,
+    TRAINER,
+    TRAINER_STACK,
     TRAINING_OPERATOR,
     BuildError,
     Cluster,
@@ -29,11 +33,14 @@ __all__ = [
     "EXIT_CODE_ANNOTATION",
     "FULL",
     "GPU_RESOURCE",
+    "JOBSET",
     "KWOK",
     "OPTIONAL_COMPONENTS",
     "OUTCOME_LABEL",
     "RUN_DURATION_ANNOTATION",
     "SCHEDULER",
+    "TRAINER",
+    "TRAINER_STACK",
     "TRAINING_OPERATOR",
     "BuildError",
     "Cluster",

@@ -12,15 +12,18 @@ import sys
 import time
 from pathlib import Path
 
-from .controlplane import BUILD_SCRIPT, FULL, OPTIONAL_COMPONENTS, Cluster, build
+from .controlplane import BUILD_SCRIPT, FULL, OPTIONAL_COMPONENTS, TRAINER_STACK, Cluster, build
 
 
 def _up(args: argparse.Namespace) -> int:
     components: list[str] = list(FULL) if args.full else []
+    if args.trainer:
+        components += TRAINER_STACK
     for item in args.with_ or []:
         components += [c for c in item.split(",") if c]
     if args.gpu_nodes and "kwok" not in components:
         components += ["scheduler", "kwok"]  # GPU nodes are only useful with pods scheduled onto them
+    components = list(dict.fromkeys(components))  # once each, in the order asked
     bin_dir = build()
     cluster = Cluster(
         bin_dir=bin_dir,
@@ -60,6 +63,9 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("build", help="build/cache the binaries (tests/cluster/build)")
     up = sub.add_parser("up", help="run a control plane until interrupted")
     up.add_argument("--full", action="store_true", help=f"also start {', '.join(FULL)}")
+    up.add_argument(
+        "--trainer", action="store_true", help=f"also start the Trainer v2 stack: {', '.join(TRAINER_STACK)}"
+    )
     up.add_argument(
         "--with",
         dest="with_",

@@ -1,9 +1,11 @@
 """A real Kubernetes control plane on loopback for tests.
 
 etcd + kube-apiserver always; kube-scheduler, kube-controller-manager, kwok
-(fake GPU nodes) and the Kubeflow training-operator on request, added lazily
-with :meth:`Cluster.ensure` so that one session only ever runs one control
-plane. Binaries come from ``tests/cluster/build`` (cached Go builds).
+(fake GPU nodes), the Kubeflow training-operator and the Kubeflow Trainer v2
+stack (JobSet controller + trainer controller manager, with their admission
+webhooks) on request, added lazily with :meth:`Cluster.ensure` so that one
+session only ever runs one control plane. Binaries come from
+``tests/cluster/build`` (cached Go builds).
 """
 
 from __future__ import annotations
@@ -43,9 +45,16 @@ SCHEDULER = "scheduler"
 CONTROLLER_MANAGER = "controller-manager"
 KWOK = "kwok"
 TRAINING_OPERATOR = "training-operator"
+JOBSET = "jobset"
+TRAINER = "trainer"
 #: Everything beyond etcd + apiserver, in start order (kcm first: adding it restarts the apiserver).
-OPTIONAL_COMPONENTS = (CONTROLLER_MANAGER, SCHEDULER, KWOK, TRAINING_OPERATOR)
-FULL = OPTIONAL_COMPONENTS
+OPTIONAL_COMPONENTS = (CONTROLLER_MANAGER, SCHEDULER, KWOK, TRAINING_OPERATOR, JOBSET, TRAINER)
+#: The PyTorchJob stack: what ``full_cluster`` runs.
+FULL = (CONTROLLER_MANAGER, SCHEDULER, KWOK, TRAINING_OPERATOR)
+#: Kubeflow Trainer v2: TrainJob -> JobSet -> Jobs -> pods on kwok GPU nodes (``trainer_cluster``).
+TRAINER_STACK = (CONTROLLER_MANAGER, SCHEDULER, KWOK, JOBSET, TRAINER)
+#: What a component cannot run without (added by :meth:`Cluster.ensure`).
+REQUIRES = {TRAINER: (JOBSET,)}
 
 SERVICE_CIDR = "10.96.0.0/16"
 POD_CIDR = "10.128.0.0/16"  # fake pod IPs handed out by kwok
@@ -57,6 +66,16 @@ RUN_DURATION_ANNOTATION = "kwok.llavarun.test/run-duration"
 EXIT_CODE_ANNOTATION = "kwok.llavarun.test/exit-code"
 KUBEFLOW_NAMESPACE = "kubeflow"
 PYTORCHJOB_CRD = "pytorchjobs.kubeflow.org"
+JOBSET_CRD = "jobsets.jobset.x-k8s.io"
+TRAINER_CRDS = (
+    "clustertrainingruntimes.trainer.kubeflow.org",
+    "trainingruntimes.trainer.kubeflow.org",
+    "trainjobs.trainer.kubeflow.org",
+)
+#: The RBAC users the JobSet and trainer controllers run as (client certificates from the test
+#: PKI), bound to the ClusterRoles their modules ship.
+JOBSET_USER = "jobset-controller-manager"
+TRAINER_USER = "kubeflow-trainer-controller-manager"
 
 
 class BuildError(RuntimeError):
@@ -163,9 +182,8 @@ class Cluster:
         self.logs_dir = self.workdir / "logs"
         self.gpu_nodes = gpu_nodes
         self.verbosity = verbosity
-        self.pytorchjob_crd = pytorchjob_crd or (
-            self.bin_dir.parent / "share" / "kubeflow.org_pytorchjobs.yaml"
-        )
+        self.share_dir = self.bin_dir.parent / "share"
+        self.pytorchjob_crd = pytorchjob_crd or (self.share_dir / "kubeflow.org_pytorchjobs.yaml")
         self.kubeconfig = self.workdir / "admin.kubeconfig"
         self.pki = pki_mod.Pki(self.workdir / "pki")
         self.kwok_stages_dir = self.workdir / "kwok-stages"
@@ -212,6 +230,7 @@ class Cluster:
         unknown = set(components) - set(OPTIONAL_COMPONENTS)
         if unknown:
             raise ValueError(f"unknown components {sorted(unknown)}; choose from {OPTIONAL_COMPONENTS}")
+        components = tuple(components) + tuple(d for c in components for d in REQUIRES.get(c, ()))
         with self._lock:
             if "apiserver" not in self.procs:
                 return self.start(components)
@@ -657,6 +676,165 @@ class Cluster:
         self.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(self.pytorchjob_crd))
         self.wait_crd_established(PYTORCHJOB_CRD)
 
+    # --- Kubeflow Trainer v2: the JobSet controller and the trainer controller manager ----------
+    #
+    # Both run as local processes under their own identity (a client certificate from the test
+    # PKI bound to the ClusterRole their module ships), with their cert management off: their
+    # webhook servers listen on 127.0.0.1 with a serving certificate from the test PKI, and the
+    # webhook configurations rendered from their modules are registered with that CA and a
+    # https://127.0.0.1:<port> URL, so the apiserver calls them as in a real cluster.
+
+    def _start_jobset(self) -> None:
+        home = self.workdir / JOBSET
+        self._install_crds([JOBSET_CRD])
+        kubeconfig = self._controller_identity(JOBSET, JOBSET_USER, "jobset-clusterrole.yaml")
+        cert_dir = home / "certs"
+        self._serving_cert(cert_dir)
+        for port in ("jobset-webhook", "jobset-health"):
+            self.ports[port] = free_port()
+        config = {
+            "apiVersion": "config.jobset.x-k8s.io/v1alpha1",
+            "kind": "Configuration",
+            "webhook": {"host": "127.0.0.1", "port": self.ports["jobset-webhook"], "certDir": str(cert_dir)},
+            "health": {"healthProbeBindAddress": f"127.0.0.1:{self.ports['jobset-health']}"},
+            "metrics": {"bindAddress": "0"},  # off: nothing scrapes it
+            "leaderElection": {"leaderElect": False},
+            "internalCertManagement": {"enable": False},
+        }
+        (home / "config.yaml").write_text(yaml.safe_dump(config))
+        proc = Process(
+            JOBSET,
+            [
+                self._bin("jobset-controller"),
+                f"--config={home / 'config.yaml'}",
+                f"--kubeconfig={kubeconfig}",
+                "--zap-log-level=info",
+            ],
+            self.logs_dir / "jobset-controller.log",
+        )
+        self.procs[JOBSET] = proc
+        proc.start()
+        self._wait_ready(JOBSET)
+        self._register_webhooks(
+            self.share_dir / "jobset-webhooks.yaml", self.ports["jobset-webhook"], name_prefix="jobset-"
+        )
+        # The apiserver really calls it: only the JobSet defaulting webhook sets a restartPolicy.
+        probe = yaml.safe_dump(_probe_jobset())
+
+        def defaulted() -> bool:
+            out = self.kubectl("create", "--dry-run=server", "-o", "json", "-f", "-", input=probe).stdout
+            job = json.loads(out)["spec"]["replicatedJobs"][0]["template"]
+            return bool(job["spec"]["template"]["spec"].get("restartPolicy") == "OnFailure")
+
+        proc.wait_until(defaulted, 60, "the JobSet defaulting webhook")
+
+    def _start_trainer(self) -> None:
+        home = self.workdir / TRAINER
+        self._install_crds(TRAINER_CRDS)
+        kubeconfig = self._controller_identity(TRAINER, TRAINER_USER, "trainer-clusterrole.yaml")
+        # Its webhook server's cert dir is not configurable: controller-runtime's default,
+        # $TMPDIR/k8s-webhook-server/serving-certs (where the Secret is mounted in its pod).
+        tmp = home / "tmp"
+        self._serving_cert(tmp / "k8s-webhook-server" / "serving-certs")
+        for port in ("trainer-webhook", "trainer-health"):
+            self.ports[port] = free_port()
+        config = {
+            "apiVersion": "config.trainer.kubeflow.org/v1alpha1",
+            "kind": "Configuration",
+            "webhook": {"host": "127.0.0.1", "port": self.ports["trainer-webhook"]},
+            "health": {"healthProbeBindAddress": f"127.0.0.1:{self.ports['trainer-health']}"},
+            "metrics": {"bindAddress": "0"},
+            "leaderElection": {"leaderElect": False},
+            "certManagement": {"enable": False},
+        }
+        (home / "config.yaml").write_text(yaml.safe_dump(config))
+        proc = Process(
+            TRAINER,
+            [
+                self._bin("trainer-controller-manager"),
+                f"--config={home / 'config.yaml'}",
+                f"--kubeconfig={kubeconfig}",
+                "--zap-log-level=info",
+            ],
+            self.logs_dir / "trainer-controller-manager.log",
+            env=dict(os.environ, TMPDIR=str(tmp)),
+        )
+        self.procs[TRAINER] = proc
+        proc.start()
+        self._wait_ready(TRAINER)
+        self._register_webhooks(self.share_dir / "trainer-webhooks.yaml", self.ports["trainer-webhook"])
+        # The apiserver really calls it: the TrainJob validating webhook refuses an unknown runtime.
+        probe = yaml.safe_dump(_probe_trainjob())
+
+        def refused() -> bool:
+            res = self.kubectl("create", "--dry-run=server", "-f", "-", input=probe, check=False)
+            return res.returncode != 0 and "admission webhook" in res.stderr and "denied" in res.stderr
+
+        proc.wait_until(refused, 60, "the TrainJob validating webhook")
+
+    def _install_crds(self, names: Sequence[str]) -> None:
+        """Server-side apply CRDs ``<plural>.<group>`` from share/ (``<group>_<plural>.yaml``), wait for them."""
+        files = []
+        for name in names:
+            plural, group = name.split(".", 1)
+            files.append(self.share_dir / f"{group}_{plural}.yaml")
+            if not files[-1].exists():
+                raise BuildError(f"{files[-1]} missing: run tests/cluster/build")
+        self.kubectl("apply", "--server-side", "--force-conflicts", *(f"--filename={f}" for f in files))
+        for name in names:
+            self.wait_crd_established(name)
+
+    def _controller_identity(self, component: str, user: str, clusterrole_file: str) -> Path:
+        """A kubeconfig for *user* (client certificate), bound to the module's ClusterRole."""
+        home = self.workdir / component
+        crt, key = pki_mod.issue(self.pki, home / "client.crt", home / "client.key", user)
+        kubeconfig = home / "kubeconfig"
+        self._write_kubeconfig(
+            kubeconfig, {"client-certificate-data": _b64(crt), "client-key-data": _b64(key)}
+        )
+        role = yaml.safe_load((self.share_dir / clusterrole_file).read_text())
+        role["metadata"]["name"] = user
+        binding = {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "ClusterRoleBinding",
+            "metadata": {"name": user},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": user},
+            "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": user}],
+        }
+        self.apply([role, binding])
+        return kubeconfig
+
+    def _serving_cert(self, cert_dir: Path) -> None:
+        """tls.crt/tls.key for a webhook server on 127.0.0.1, signed by the cluster CA."""
+        pki_mod.issue(
+            self.pki,
+            cert_dir / "tls.crt",
+            cert_dir / "tls.key",
+            "127.0.0.1",
+            server=True,
+            dns=["localhost"],
+            ips=["127.0.0.1"],
+        )
+
+    def _register_webhooks(self, manifest: Path, port: int, name_prefix: str = "") -> None:
+        """Apply a module's webhook configurations, each webhook pointed at https://127.0.0.1:<port>."""
+        ca = _b64(self.pki.ca_crt)
+        docs = []
+        for doc in yaml.safe_load_all(manifest.read_text()):
+            if not doc or doc["kind"] not in (
+                "MutatingWebhookConfiguration",
+                "ValidatingWebhookConfiguration",
+            ):
+                continue  # e.g. the Service the webhooks would sit behind in a cluster
+            doc["metadata"]["name"] = name_prefix + doc["metadata"]["name"]
+            for hook in doc["webhooks"]:
+                path = hook["clientConfig"]["service"]["path"]
+                hook["clientConfig"] = {"url": f"https://127.0.0.1:{port}{path}", "caBundle": ca}
+            docs.append(doc)
+        if not docs:
+            raise BuildError(f"{manifest} has no webhook configurations")
+        self.apply(docs)
+
     def wait_crd_established(self, name: str, timeout: float = 60) -> None:
         """Wait until CRD *name* is Established (``kubectl wait`` errors while status is still empty)."""
 
@@ -688,6 +866,10 @@ class Cluster:
             proc.wait_until(lambda: _http_ok(url), 60, "/healthz")
         elif name == TRAINING_OPERATOR:
             url = f"http://127.0.0.1:{self.ports['to-health']}/readyz"
+            proc.wait_until(lambda: _http_ok(url), 90, "/readyz")
+        elif name in (JOBSET, TRAINER):
+            # /readyz: certificates loaded and the webhook server accepting connections.
+            url = f"http://127.0.0.1:{self.ports[f'{name}-health']}/readyz"
             proc.wait_until(lambda: _http_ok(url), 90, "/readyz")
         else:
             raise ValueError(name)
@@ -754,6 +936,27 @@ class Cluster:
         }
         path.write_text(json.dumps(config, indent=1))
         path.chmod(0o600)
+
+
+def _probe_jobset() -> dict[str, Any]:
+    """A JobSet (for a server-side dry run) whose pod template has no restartPolicy."""
+    pod = {"containers": [{"name": "c", "image": "busybox"}]}
+    return {
+        "apiVersion": "jobset.x-k8s.io/v1alpha2",
+        "kind": "JobSet",
+        "metadata": {"name": "admission-probe", "namespace": "default"},
+        "spec": {"replicatedJobs": [{"name": "r", "template": {"spec": {"template": {"spec": pod}}}}]},
+    }
+
+
+def _probe_trainjob() -> dict[str, Any]:
+    """A TrainJob (for a server-side dry run) naming a ClusterTrainingRuntime that does not exist."""
+    return {
+        "apiVersion": "trainer.kubeflow.org/v1alpha1",
+        "kind": "TrainJob",
+        "metadata": {"name": "admission-probe", "namespace": "default"},
+        "spec": {"runtimeRef": {"name": "llavarun-admission-probe-absent"}},
+    }
 
 
 def _b64(path: Path) -> str:

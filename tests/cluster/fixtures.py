@@ -9,6 +9,8 @@ Fixtures (all share ONE control plane per session, upgraded lazily):
 - ``cluster``: etcd + kube-apiserver (seconds to start). ``cluster.ensure("kwok", ...)`` adds more.
 - ``full_cluster``: + kube-scheduler, kube-controller-manager, kwok with GPU nodes and the
   training-operator (PyTorchJob CRD installed).
+- ``trainer_cluster``: + kube-scheduler, kube-controller-manager, kwok with GPU nodes, the JobSet
+  controller and the Kubeflow Trainer v2 controller manager (CRDs and webhooks registered).
 - ``cluster_namespace``: a fresh namespace per test (deleted afterwards).
 
 Tests using them are marked ``cluster`` automatically; a failing one gets the component log
@@ -25,9 +27,9 @@ from collections.abc import Iterator
 
 import pytest
 
-from .controlplane import FULL, BuildError, Cluster, build
+from .controlplane import FULL, TRAINER_STACK, BuildError, Cluster, build
 
-_FIXTURES = {"cluster", "full_cluster", "cluster_namespace", "_cluster_session"}
+_FIXTURES = {"cluster", "full_cluster", "trainer_cluster", "cluster_namespace", "_cluster_session"}
 _session_cluster: Cluster | None = None
 
 
@@ -64,6 +66,12 @@ def cluster(_cluster_session: Cluster) -> Cluster:
 def full_cluster(_cluster_session: Cluster) -> Cluster:
     """The control plane with scheduler, controller-manager, kwok GPU nodes and training-operator."""
     return _cluster_session.ensure(*FULL)
+
+
+@pytest.fixture(scope="session")
+def trainer_cluster(_cluster_session: Cluster) -> Cluster:
+    """The control plane with scheduler, controller-manager, kwok GPU nodes, JobSet and Trainer v2."""
+    return _cluster_session.ensure(*TRAINER_STACK)
 
 
 @pytest.fixture

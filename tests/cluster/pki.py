@@ -1,15 +1,19 @@
 """Throw-away PKI for the test control plane.
 
 A single CA signs the apiserver serving certificate and the admin client
-certificate (CN=kubernetes-admin, O=system:masters, which bypasses RBAC). A
-separate key pair signs ServiceAccount tokens. EC P-256 keys keep generation
-instant; everything is valid for a day because no test cluster lives longer.
+certificate (CN=kubernetes-admin, O=system:masters, which bypasses RBAC), and,
+through :func:`issue`, the client certificates of controllers that run under
+their own RBAC identity and the serving certificates of webhook servers on
+127.0.0.1. A separate key pair signs ServiceAccount tokens. EC P-256 keys keep
+generation instant; everything is valid for a day because no test cluster
+lives longer.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import ipaddress
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -126,17 +130,6 @@ def generate(directory: Path, service_ip: str = "10.96.0.1") -> Pki:
     _write_key(pki.ca_key, ca_key)
     pki.ca_crt.write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
 
-    def leaf(cn: str, org: str | None, usage: x509.ObjectIdentifier, sans: list[x509.GeneralName]) -> tuple:
-        key = _new_key()
-        builder = (
-            _builder(_name(cn, org), ca_name, key.public_key())
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
-        )
-        if sans:
-            builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
-        return key, builder.sign(ca_key, hashes.SHA256())
-
     dns = [
         "localhost",
         "kubernetes",
@@ -144,15 +137,16 @@ def generate(directory: Path, service_ip: str = "10.96.0.1") -> Pki:
         "kubernetes.default.svc",
         "kubernetes.default.svc.cluster.local",
     ]
-    sans: list[x509.GeneralName] = [x509.DNSName(d) for d in dns]
-    sans += [x509.IPAddress(ipaddress.ip_address(ip)) for ip in ("127.0.0.1", service_ip)]
-    key, cert = leaf("kube-apiserver", None, ExtendedKeyUsageOID.SERVER_AUTH, sans)
-    _write_key(pki.apiserver_key, key)
-    pki.apiserver_crt.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-
-    key, cert = leaf("kubernetes-admin", "system:masters", ExtendedKeyUsageOID.CLIENT_AUTH, [])
-    _write_key(pki.admin_key, key)
-    pki.admin_crt.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    issue(
+        pki,
+        pki.apiserver_crt,
+        pki.apiserver_key,
+        "kube-apiserver",
+        server=True,
+        dns=dns,
+        ips=("127.0.0.1", service_ip),
+    )
+    issue(pki, pki.admin_crt, pki.admin_key, "kubernetes-admin", org="system:masters")
 
     sa_key = _new_key()
     _write_key(pki.sa_key, sa_key)
@@ -162,6 +156,45 @@ def generate(directory: Path, service_ip: str = "10.96.0.1") -> Pki:
         )
     )
     return pki
+
+
+def issue(
+    pki: Pki,
+    cert_path: Path,
+    key_path: Path,
+    cn: str,
+    *,
+    org: str | None = None,
+    server: bool = False,
+    dns: Sequence[str] = (),
+    ips: Sequence[str] = (),
+) -> tuple[Path, Path]:
+    """Sign a leaf certificate with the cluster CA and write it and its key (PEM).
+
+    A client certificate (``server=False``) authenticates to the apiserver as user *cn* in
+    group *org*; a serving certificate carries the *dns* and *ips* SANs (what a webhook
+    URL's host must match). Returns ``(cert_path, key_path)``.
+    """
+    ca_key = serialization.load_pem_private_key(pki.ca_key.read_bytes(), password=None)
+    ca_cert = x509.load_pem_x509_certificate(pki.ca_crt.read_bytes())
+    assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
+    key = _new_key()
+    usage = ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH
+    builder = (
+        _builder(_name(cn, org), ca_cert.subject, key.public_key())
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+    )
+    sans: list[x509.GeneralName] = [x509.DNSName(d) for d in dns]
+    sans += [x509.IPAddress(ipaddress.ip_address(ip)) for ip in ips]
+    if sans:
+        builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
+    cert = builder.sign(ca_key, hashes.SHA256())
+    cert_path.parent.mkdir(parents=True, exist_ok=True)
+    key_path.parent.mkdir(parents=True, exist_ok=True)
+    _write_key(key_path, key)
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    return cert_path, key_path
 
 
 #: Hard-coded in the training-operator (pkg/cert): where the Secret would be mounted in its pod.
