@@ -3,6 +3,7 @@ seconds, with exit status 2, naming the field or file and what is expected, and 
 
 from __future__ import annotations
 
+import fcntl
 import shutil
 import subprocess
 import sys
@@ -105,6 +106,21 @@ CASES: list[Case] = [
         f"and this machine has {cpu_cores()} CPU cores (lower nodes/gpusPerNode to fit, or pass --oversubscribe",
     ),
     (
+        "suspended in the spec",
+        tiny(suspend=True),
+        lambda d: None,
+        "spec.suspend: true would start nothing",
+    ),
+    (
+        "the output holds another run",
+        tiny(),
+        lambda d: (
+            (d / "Output" / "local").mkdir(),
+            (d / "Output" / "local" / "llavarun.json").write_text('{"metadata": {"name": "other"}}'),
+        ),
+        "{d}/Output holds the state of LlavaRun other: use another spec.paths.output",
+    ),
+    (
         "output is a file",
         tiny(),
         lambda d: (shutil.rmtree(d / "Output"), (d / "Output").write_text("")),
@@ -178,3 +194,24 @@ def test_every_problem_is_reported_at_once(data_dir_copy: Path) -> None:
     text = str(refused.value)
     for fragment in ("spec.pretrain.resources", "missing.json", "tokenizer.model"):
         assert fragment in text
+
+
+def test_a_second_llavarun_local_on_the_same_output_is_refused(
+    data_dir_copy: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Two supervisors would run the same attempt twice: the second one is refused at once."""
+    run = tmp_path / "run.yaml"
+    run.write_text(yaml.safe_dump(tiny()))
+    lock = data_dir_copy / "Output" / "local" / "lock"
+    lock.parent.mkdir(parents=True)
+    with lock.open("a+") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)  # as the first `llavarun local` holds it
+        started = time.monotonic()
+        code = main(["local", str(run), "--data-dir", str(data_dir_copy)])
+        took = time.monotonic() - started
+    assert code == REFUSED
+    assert f"another llavarun local is running LlavaRun llava-tiny on {data_dir_copy / 'Output'}" in (
+        capsys.readouterr().err
+    )
+    assert took < SECONDS
+    assert not (data_dir_copy / "Output" / "llavarun-status.json").exists()

@@ -166,7 +166,8 @@ class OnThisMachine:
 
     def fail(self) -> None:
         job = self.current()
-        victims = processes_with_env("LLAVARUN_JOB", job)
+        report = str(self.local.paths.trainer_status(job))  # in the environment of its processes only
+        victims = processes_with_env("LLAVARUN_STATUS_FILE", report)
         assert victims, f"no process of {job} runs"
         for pid in victims:
             os.kill(pid, signal.SIGKILL)
