@@ -6,7 +6,6 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any
 
 from .api import Phase, StageStatus
@@ -46,11 +45,6 @@ class Event:
     reason: str
     message: str
     type: str = "Normal"
-
-
-def timestamp(now: datetime) -> str:
-    """RFC 3339 in UTC with seconds, as Kubernetes writes times."""
-    return now.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def condition(

@@ -34,6 +34,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from .api import LlavaRun, Phase, Stage, StagePhase, StageStatus
+from .api.status import seconds_between, timestamp
 from .backend import FAILURES_ANNOTATION, RUN_OBJECTS_ANNOTATION, SPEC_HASH_ANNOTATION, Backend, annotations
 from .children import Child, observe
 from .conditions import (
@@ -51,7 +52,6 @@ from .conditions import (
     conditions,
     run_events,
     status_patch,
-    timestamp,
 )
 from .jobstate import JobPhase
 from .naming import job_name
@@ -110,10 +110,7 @@ class _Step:
 
 
 def _seconds_between(start: str | None, end: str | None) -> float:
-    if not start or not end:
-        return 0.0
-    parse = lambda s: datetime.fromisoformat(s.replace("Z", "+00:00"))  # noqa: E731
-    return max(0.0, (parse(end) - parse(start)).total_seconds())
+    return seconds_between(start, end) or 0.0
 
 
 def _records(status: Mapping[str, Any]) -> dict[str, StageStatus]:

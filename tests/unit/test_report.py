@@ -92,7 +92,7 @@ def test_name_or_status_file_not_both(tmp_path, capsys):
 
 def test_llavarun_local_writes_the_same_report(tmp_path):
     history = {"pretrain": [(1, 2.0), (2, 1.5)]}
-    path = write_report(tmp_path / "out", "tiny", ["prepare", "pretrain", "finetune"], STATUS, [], history)
+    path = write_report(tmp_path / "out", "tiny", ["prepare", "pretrain", "finetune"], STATUS, history)
     text = path.read_text()
     expected = report_markdown(run_report("tiny", STATUS, stage_order=["pretrain", "finetune"]))
     assert text.splitlines()[: len(expected)] == expected

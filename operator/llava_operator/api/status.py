@@ -26,6 +26,15 @@ def timestamp(when: datetime | None = None) -> str:
     return (when or datetime.now(UTC)).astimezone(UTC).strftime(TIME_FORMAT)
 
 
+def seconds_between(start: str | None, end: str | None) -> float | None:
+    """Seconds from one status time to another; None when either is missing or unreadable."""
+    try:
+        parsed = [datetime.fromisoformat(t.replace("Z", "+00:00")) for t in (start, end)]  # type: ignore[union-attr]
+    except (AttributeError, TypeError, ValueError):
+        return None
+    return max(0.0, (parsed[1] - parsed[0]).total_seconds())
+
+
 class Phase(StrEnum):
     PENDING = "Pending"
     RUNNING = "Running"

@@ -13,6 +13,7 @@ from llava_trainer.deepspeed_config import batch_layout, build_deepspeed_config
 
 from ..api import LlavaRunSpec, Stage
 from ..api.profiles import Device
+from ..api.status import timestamp
 from ..trainer_command import stage_config
 from .geometry import Geometry
 from .lengths import TokenLengths
@@ -186,7 +187,7 @@ def capacity_plan(
             continue
         planned = plan_stage(spec, stage, geometry, lengths[stage], device, mfu[stage])
         elapsed += planned["hours"]
-        planned["end"] = (start + timedelta(hours=elapsed)).strftime("%Y-%m-%dT%H:%M:%SZ")
+        planned["end"] = timestamp(start + timedelta(hours=elapsed))
         stages[stage.value] = planned
     return {
         "run": name,
@@ -197,7 +198,7 @@ def capacity_plan(
             "memoryGiB": device.memory_gib,
             "source": device_source,
         },
-        "start": start.strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "start": timestamp(start),
         "stages": stages,
         "hours": round(sum(s["hours"] for s in stages.values()), 2),
         "gpuHours": round(sum(s["gpuHours"] for s in stages.values()), 1),

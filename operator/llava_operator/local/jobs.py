@@ -20,13 +20,12 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any
 
 from ..api import Stage
+from ..api.status import timestamp
 from ..backends.local import FAILED, RUNNING, STOPPED, SUCCEEDED
-from ..conditions import timestamp
 from ..naming import LABEL_RUN, LABEL_STAGE
 from .logs import describe_exit
 from .processes import ProcessTree, processes_with_env
@@ -108,7 +107,7 @@ class LocalJobs:
         name = doc["metadata"]["name"]
         if self.get(name) is not None:
             return False
-        stored = merge_patch(doc, {"metadata": {"creationTimestamp": timestamp(datetime.now(UTC))}})
+        stored = merge_patch(doc, {"metadata": {"creationTimestamp": timestamp()}})
         write_json(self._path(name), stored)
         if not stored["spec"].get("suspend"):
             self._start(stored)
@@ -172,7 +171,7 @@ class LocalJobs:
         reader.start()
         stage = Stage(doc["metadata"]["labels"][LABEL_STAGE])
         self.running[name] = _Running(tree, log, reader, stage)
-        started = (doc.get("status") or {}).get("startTime") or timestamp(datetime.now(UTC))
+        started = (doc.get("status") or {}).get("startTime") or timestamp()
         self._update(
             name,
             {
@@ -247,7 +246,7 @@ class LocalJobs:
                 "phase": phase,
                 "exitCode": code,
                 "message": message,
-                "completionTime": timestamp(datetime.now(UTC)),
+                "completionTime": timestamp(),
             },
         )
 

@@ -95,9 +95,8 @@ def main(argv: list[str] | None = None) -> int:
         return REFUSED_EXIT
     display.finish()
     status = local.status()
-    # Stage times come from the status records (no separately measured ones: outcomes []).
     report = write_report(
-        local.output_root / "report", run.name, [s.value for s in run.spec.stages], status, [], view.history
+        local.output_root / "report", run.name, [s.value for s in run.spec.stages], status, view.history
     )
     if code == 0:
         console.print(f"LlavaRun {run.name} succeeded")

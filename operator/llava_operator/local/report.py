@@ -11,11 +11,10 @@ terms (padded tokens/s derived from the FlagPerf MFU, the peak and FlagPerf's N)
 
 from __future__ import annotations
 
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from ..api.status import TIME_FORMAT
+from ..api.status import seconds_between
 
 TRAINING = ("pretrain", "finetune")
 
@@ -36,26 +35,15 @@ def plot_loss(history: list[tuple[int, float]], title: str, path: Path) -> None:
     plt.close(fig)
 
 
-def _seconds(entry: dict[str, Any]) -> float | None:
-    try:
-        start = datetime.strptime(entry["startTime"], TIME_FORMAT)
-        end = datetime.strptime(entry["completionTime"], TIME_FORMAT)
-    except (KeyError, TypeError, ValueError):
-        return None
-    return (end - start).total_seconds()
-
-
 def run_report(
     name: str,
     status: dict[str, Any],
     *,
     stage_order: list[str] | None = None,
     accelerator: dict[str, Any] | None = None,
-    seconds: dict[str, float] | None = None,
 ) -> dict[str, Any]:
     """The report as data. `accelerator`: {"model", "devices": {stage: count}, "peakTflops",
-    "flagperfN": {stage: N}} where known (from the spec); `seconds`: measured stage times that
-    override the status's start/completion times (the local runner's own clock)."""
+    "flagperfN": {stage: N}} where known (from the spec)."""
     results, stages = status.get("results") or {}, status.get("stages") or {}
     accelerator = accelerator or {}
     order = stage_order or [
@@ -68,7 +56,8 @@ def run_report(
         row: dict[str, Any] = {
             "phase": entry.get("phase"),
             "attempts": entry.get("attempts"),
-            "seconds": (seconds or {}).get(stage) or _seconds(entry) or res.get("durationSeconds"),
+            "seconds": seconds_between(entry.get("startTime"), entry.get("completionTime"))
+            or res.get("durationSeconds"),
         }
         if stage in TRAINING:
             tokens = res.get("tokensPerSecond")
@@ -169,17 +158,15 @@ def write_report(
     run_name: str,
     stage_order: list[str],
     status: dict[str, Any],
-    outcomes: list[Any],
     history: dict[str, list[tuple[int, float]]],
     accelerator: dict[str, Any] | None = None,
 ) -> Path:
-    """Write report.md (+ loss_<stage>.png) into out_dir and return the markdown path. `outcomes`
-    (anything with `.stage` and `.seconds`) override the status's stage times."""
+    """Write report.md (+ loss_<stage>.png) into out_dir and return the markdown path; stage times
+    come from the status's stage records."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    seconds = {getattr(o.stage, "value", o.stage): o.seconds for o in outcomes}
     stages = status.get("stages") or {}
     order = [s for s in stage_order if s in stages]
-    report = run_report(run_name, status, stage_order=order, accelerator=accelerator, seconds=seconds)
+    report = run_report(run_name, status, stage_order=order, accelerator=accelerator)
     lines = report_markdown(report)
     for name, points in history.items():
         if len(points) >= 1 and name in TRAINING:
