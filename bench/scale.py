@@ -16,6 +16,8 @@ and waits for all of them to finish. Reported (JSON on stdout):
 
     .venv/bin/python bench/scale.py [--runs 200 --nodes 128]   # the documented benchmark
     .venv/bin/python bench/scale.py --runs 10 --nodes 8        # quick mode (an e2e smoke test)
+    .venv/bin/python bench/scale.py --steady                   # 800 finished + 200 running runs, no events:
+                                                               # the operator's CPU in % of one core (< 5 %)
 
 Exit status 0 when every run finished correctly (targets are reported, not enforced, unless
 `--strict`); 1 otherwise. The cluster's logs are kept (path on stderr) when it fails.
@@ -63,6 +65,7 @@ from tests.e2e.support import (  # noqa: E402
 NAMESPACE = "scale"
 TARGET_P99_FIRST_JOB_S = 2.0
 TARGET_PEAK_RSS_MB = 200.0
+TARGET_STEADY_CPU_PERCENT = 5.0
 
 
 def log(message: str) -> None:
@@ -251,10 +254,7 @@ def run_benchmark(args: argparse.Namespace, cluster: Cluster, workdir: Path) -> 
         phases: Counter[str] = Counter()
         last_report = 0.0
         while time.monotonic() < deadline:
-            items = kube.custom.list_namespaced_custom_object("llavarun.io", "v1alpha1", NAMESPACE, PLURAL)[
-                "items"
-            ]
-            phases = Counter((r.get("status") or {}).get("phase") or "None" for r in items)
+            phases = Counter(run_phases.get(name, "None") for name in names)
             if phases["Succeeded"] + phases["Failed"] == args.runs:
                 break
             if time.monotonic() - last_report > 10:
@@ -342,6 +342,99 @@ def run_benchmark(args: argparse.Namespace, cluster: Cluster, workdir: Path) -> 
     }
 
 
+def wait_phases(phases: dict[str, str], want: Counter[str], timeout: float) -> Counter[str]:
+    """Until the watched runs' phases count at least `want` (or the timeout): the counts."""
+    deadline, seen, last_report = time.monotonic() + timeout, Counter(), 0.0
+    while time.monotonic() < deadline:
+        seen = Counter(phases.values())
+        if all(seen[phase] >= n for phase, n in want.items()):
+            break
+        if time.monotonic() - last_report > 10:
+            log(f"phases {dict(seen)}, waiting for {dict(want)}")
+            last_report = time.monotonic()
+        time.sleep(0.5)
+    return seen
+
+
+def run_steady_state(args: argparse.Namespace, cluster: Cluster, workdir: Path) -> dict[str, Any]:
+    """What the operator costs between events with many runs present: `--steady-finished` runs
+    done, `--steady-running` runs whose pods run for an hour, then `--steady-seconds` of quiet in
+    which only the operator's resync loop works; its CPU over that window, in % of one core."""
+    install_chart(cluster)
+    kube = Kube.for_cluster(cluster)
+    cluster.kubectl("create", "namespace", NAMESPACE)
+    operator = OperatorProcess(
+        operator_kubeconfig(cluster), workdir / "operator.log", resync_seconds=args.resync_seconds
+    )
+    operator.start()
+    phases: dict[str, str] = {}
+    list_runs = partial(kube.custom.list_namespaced_custom_object, GROUP, VERSION, NAMESPACE, PLURAL)
+
+    def on_run(run: dict[str, Any], _seen_at: float) -> None:
+        phases[run["metadata"]["name"]] = (run.get("status") or {}).get("phase") or "None"
+
+    with Watcher(list_runs, on_run):
+        t0 = time.monotonic()
+        for i in range(args.steady_finished + args.steady_running):
+            done = i < args.steady_finished
+            kube.create_run(
+                llavarun(
+                    f"run-{i:04d}", NAMESPACE, ["prepare"], run_duration="1s" if done else "1h", retries=0
+                )
+            )
+        log(f"{len(phases)} runs seen after creating them in {time.monotonic() - t0:.1f}s")
+        want = Counter({"Succeeded": args.steady_finished, "Running": args.steady_running})
+        reached = wait_phases(phases, want, args.timeout)
+        settled = time.monotonic() - t0
+        log(
+            f"steady state {dict(reached)} after {settled:.1f}s; settling, then measuring {args.steady_seconds}s"
+        )
+        time.sleep(max(5.0, args.resync_seconds / 2))
+        reconciles_before = operator.metric_sum("llavarun_reconciles_total")
+        cpu_before, window_start = operator.cpu_seconds(), time.monotonic()
+        time.sleep(args.steady_seconds)
+        cpu = operator.cpu_seconds() - cpu_before
+        window = time.monotonic() - window_start
+        reconciles = operator.metric_sum("llavarun_reconciles_total") - reconciles_before
+        end_phases = Counter(phases.values())
+    rss_mb = operator.peak_rss_bytes() / 2**20
+    errors = operator.metric_sum("llavarun_reconcile_errors_total")
+    operator.stop()
+    utilisation = 100.0 * cpu / window
+    ok = all(reached[p] >= n for p, n in want.items()) and end_phases == reached
+    return {
+        "ok": ok,
+        "mode": "steady-state",
+        "runs": {"finished": args.steady_finished, "running": args.steady_running},
+        "phases": dict(end_phases),
+        "seconds_to_steady_state": round(settled, 1),
+        "window_seconds": round(window, 1),
+        "resync_seconds": args.resync_seconds,
+        "operator": {
+            "cpu_seconds_in_window": round(cpu, 2),
+            "cpu_percent_of_one_core": round(utilisation, 2),
+            "reconciles_in_window": reconciles,
+            "peak_rss_mb": round(rss_mb, 1),
+            "reconcile_errors": errors,
+        },
+        "targets": {
+            "steady_cpu_percent": {
+                "target": TARGET_STEADY_CPU_PERCENT,
+                "value": round(utilisation, 2),
+                "met": utilisation < TARGET_STEADY_CPU_PERCENT,
+            },
+            "operator_peak_rss_mb": {
+                "target": TARGET_PEAK_RSS_MB,
+                "value": round(rss_mb, 1),
+                "met": rss_mb < TARGET_PEAK_RSS_MB,
+            },
+        },
+        "hardware": hardware(),
+        "kubernetes": cluster.expected_version,
+        "operator_log": str(operator.log),
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=200)
@@ -360,6 +453,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--keep", action="store_true", help="keep the workdir (logs) even on success")
     parser.add_argument("--strict", action="store_true", help="exit 1 when a target is missed too")
+    parser.add_argument(
+        "--steady", action="store_true", help="measure the steady state instead: many runs present, no events"
+    )
+    parser.add_argument("--steady-finished", type=int, default=800, help="finished runs in the steady state")
+    parser.add_argument("--steady-running", type=int, default=200, help="running runs in the steady state")
+    parser.add_argument(
+        "--steady-seconds", type=float, default=120.0, help="length of the measured quiet window"
+    )
     args = parser.parse_args(argv)
 
     workdir = Path(tempfile.mkdtemp(prefix="llavarun-scale-"))
@@ -370,7 +471,7 @@ def main(argv: list[str] | None = None) -> int:
         log(f"starting the control plane with {args.nodes} GPU nodes in {workdir}")
         cluster.start(FULL)
         log(f"control plane up in {time.monotonic() - t0:.1f}s")
-        summary = run_benchmark(args, cluster, workdir)
+        summary = (run_steady_state if args.steady else run_benchmark)(args, cluster, workdir)
         ok = summary["ok"] and (not args.strict or all(t["met"] for t in summary["targets"].values()))
         text = json.dumps(summary, indent=2)
         print(text)
