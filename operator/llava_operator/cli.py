@@ -10,7 +10,7 @@ from . import yamlio
 
 COMMANDS: dict[str, str] = {
     "crd": "Print the LlavaRun CustomResourceDefinition generated from the API models",
-    "render": "Print what the operator creates for a LlavaRun (RBAC and one PyTorchJob per stage)",
+    "render": "Print what the operator creates for a LlavaRun (RBAC and one PyTorchJob or TrainJob per stage)",
     "validate": "Check LlavaRun manifests offline, as the apiserver will",
     "plan": "Memory per device and time of each training stage, offline, before launching",
     "report": "A run's report from its status (the cluster's LlavaRun or a status file)",
@@ -33,14 +33,19 @@ def _crd(args: argparse.Namespace) -> int:
 
 def _render(args: argparse.Namespace) -> int:
     from .api import Stage
-    from .render import render_all
+    from .backends.trainjob import render_trainjob
+    from .render import render_all, render_rbac
     from .validate import load_runs
 
     out = []
     for run in load_runs(yamlio.read_documents(args.file)):
         if args.stage and Stage(args.stage) not in run.spec.stages:
             raise ValueError(f"LlavaRun {run.name}: stage {args.stage!r} is not in spec.stages")
-        out += render_all(run, [Stage(args.stage)] if args.stage else None)
+        stages = [Stage(args.stage)] if args.stage else list(run.spec.stages)
+        if (run.spec.backend or args.backend) == "TrainJob":
+            out += [*render_rbac(run), *(render_trainjob(run, s, 0, args.training_runtime) for s in stages)]
+        else:
+            out += render_all(run, stages)
     sys.stdout.write(yamlio.dump_all(out))
     return 0
 
@@ -76,6 +81,18 @@ def build_parser() -> argparse.ArgumentParser:
     render = sub.add_parser("render", help=COMMANDS["render"])
     render.add_argument("file", help="LlavaRun YAML ('-' for stdin)")
     render.add_argument("--stage", choices=["prepare", "pretrain", "finetune", "evaluate"])
+    render.add_argument(
+        "--backend",
+        choices=["PyTorchJob", "TrainJob"],
+        default="PyTorchJob",
+        help="The operator's default backend, for runs without spec.backend (default: %(default)s)",
+    )
+    render.add_argument(
+        "--training-runtime",
+        default="llavarun-torch",
+        metavar="NAME",
+        help="TrainJob: the operator's ClusterTrainingRuntime, for runs without spec.trainingRuntime",
+    )
     render.set_defaults(func=_render)
     validate = sub.add_parser("validate", help=COMMANDS["validate"])
     validate.add_argument("files", nargs="+", help="LlavaRun YAML files")

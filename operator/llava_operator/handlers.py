@@ -35,6 +35,8 @@ RUNS = (GROUP, VERSION, PLURAL)
 JOBS = (PYTORCHJOB.group, PYTORCHJOB.version, PYTORCHJOB.plural)
 PREFIX = GROUP  # kopf's progress/diff-base annotations: llavarun.io/..., never kopf.zalando.org
 FINISHED = {Phase.SUCCEEDED.value, Phase.FAILED.value}
+CHILD_RESOURCES = [JOBS]
+"""Kinds of children watched: PyTorchJobs, and TrainJobs once `serve_children` added them."""
 
 
 @dataclass
@@ -44,6 +46,8 @@ class Context:
     resync_seconds: float = 30.0
     api_workers: int = 32
     backend: ClusterBackend = PYTORCHJOB
+    others: tuple[ClusterBackend, ...] = ()
+    """Further backends served (a run's status.backend or spec.backend picks one)."""
     kube: Kube | None = None
     locks: dict[tuple[str, str], asyncio.Lock] = field(default_factory=dict)
     pending_child_events: set[tuple[str, str]] = field(default_factory=set)
@@ -57,7 +61,8 @@ def configure(settings: kopf.OperatorSettings) -> None:
     settings.persistence.finalizer = f"{PREFIX}/finalizer"  # never added: no delete handlers/timers
     settings.posting.level = logging.WARNING  # kopf's own "handler succeeded" events are noise
     settings.posting.reporting_component = "llavarun-operator"
-    settings.watching.label_selectors[JOBS] = LABEL_RUN
+    for resource in CHILD_RESOURCES:
+        settings.watching.label_selectors[resource] = LABEL_RUN
     settings.watching.server_timeout = 300
     settings.networking.request_timeout = 60
 
@@ -66,7 +71,8 @@ def configure(settings: kopf.OperatorSettings) -> None:
 def llavarun_children(namespace: str, labels: dict[str, str], body: kopf.Body, **_: Any) -> dict[Any, Any]:
     """(namespace, run) -> the run's child jobs, as last seen by the watch."""
     keep = ("metadata", "spec", "status")
-    return {(namespace, labels[LABEL_RUN]): {k: copy.deepcopy(dict(body.get(k) or {})) for k in keep}}
+    child = {k: copy.deepcopy(dict(body.get(k) or {})) for k in keep}
+    return {(namespace, labels[LABEL_RUN]): {"kind": body.get("kind"), **child}}
 
 
 @kopf.index(*RUNS, registry=REGISTRY)
@@ -140,6 +146,17 @@ async def resync_forever(ctx: Context, runs: kopf.Index, children: kopf.Index) -
                 log.warning("resync of %s/%s failed: %s", namespace, name, err)
 
 
+def serve_children(backend: ClusterBackend) -> None:
+    """Index and watch `backend`'s children too (before `kopf.run`): same index, same handler."""
+    resource = (backend.group, backend.version, backend.plural)
+    if resource in CHILD_RESOURCES:
+        return
+    CHILD_RESOURCES.append(resource)
+    selected = {LABEL_RUN: kopf.PRESENT}
+    kopf.index(*resource, labels=selected, registry=REGISTRY, id="llavarun_children")(llavarun_children)
+    kopf.on.event(*resource, labels=selected, registry=REGISTRY, id="child_changed")(child_changed)
+
+
 @kopf.on.login(registry=REGISTRY)
 def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
     """The kubernetes client's view of credentials: in-cluster ServiceAccount or the kubeconfig."""
@@ -160,7 +177,7 @@ async def startup(
         ThreadPoolExecutor(max_workers=ctx.api_workers, thread_name_prefix="llavarun-api")
     )
     if ctx.kube is None:
-        ctx.kube = await asyncio.to_thread(Kube.from_environment, ctx.backend)
+        ctx.kube = await asyncio.to_thread(Kube.from_environment, ctx.backend, ctx.others)
     ctx.resync = asyncio.create_task(resync_forever(ctx, llavarun_runs, llavarun_children))
 
 

@@ -6,11 +6,13 @@ the run's status goes through `apiserver.patch_run_status`, the writer the train
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
 import socket
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
+from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -20,6 +22,7 @@ from .api import API_VERSION, KIND
 from .api.status import timestamp
 from .apiserver import JSON, MERGE_PATCH, ApiError, collection_path, patch_run_status, request, run_path
 from .backend import Backend
+from .backends.choice import backend_record, chosen_kind
 from .plan import Event, Plan, plan
 
 log = logging.getLogger("llavarun.operator")
@@ -31,16 +34,24 @@ REPORTING_COMPONENT = "llavarun-operator"
 class Kube:
     """A handful of REST calls; thread-safe like the underlying urllib3 pool."""
 
-    def __init__(self, api: client.ApiClient, backend: Backend) -> None:
+    def __init__(self, api: client.ApiClient, backend: Backend, others: Iterable[Backend] = ()) -> None:
         self.api = api
         self.backend = backend
+        """The operator's default backend; `backends` are all it serves, by kind."""
+        self.backends = {b.kind: b for b in (backend, *others)}
         self.instance = os.environ.get("HOSTNAME") or socket.gethostname()
 
     @classmethod
-    def from_environment(cls, backend: Backend) -> Kube:
+    def from_environment(cls, backend: Backend, others: Iterable[Backend] = ()) -> Kube:
         """In-cluster ServiceAccount, or KUBECONFIG / ~/.kube/config when run as a local process."""
         config.load_config()
-        return cls(client.ApiClient(), backend)
+        return cls(client.ApiClient(), backend, others)
+
+    def using(self, backend: Backend) -> Kube:
+        """The same connection, with `backend`'s children."""
+        other = copy.copy(self)
+        other.backend = backend
+        return other
 
     def request(
         self,
@@ -154,11 +165,19 @@ def converge(kube: Kube, namespace: str, name: str, children: list[Mapping[str, 
     body = kube.get_run(namespace, name)
     if body is None or body["metadata"].get("deletionTimestamp"):
         return None  # children go by garbage collection (ownerReferences), no finalizer needed
+    kind = chosen_kind(body, kube.backend.kind)
+    if kind not in kube.backends:
+        log.warning("%s/%s: backend %s is not enabled in this operator", namespace, name, kind)
+        return None
+    kube = kube.using(kube.backends[kind])
+    children = [c for c in children if c.get("kind", kind) == kind]
     now = datetime.now(UTC)
     result = plan(body, children, now, backend=kube.backend)
     if result.wants_pods:
         pods = {job: kube.list_pods(namespace, kube.backend.pod_selector(job)) for job in result.wants_pods}
         result = plan(body, children, now, pods=pods, backend=kube.backend)
+    if record := backend_record(body, kind):
+        result = replace(result, status={**result.status, **record})
     try:
         apply(kube, body, result)
     except ApiError as err:

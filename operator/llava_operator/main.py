@@ -13,6 +13,20 @@ import sys
 import kopf
 
 from . import metrics
+from .backends.pytorchjob import PYTORCHJOB
+from .backends.trainjob import DEFAULT_RUNTIME, TrainJobBackend
+
+BACKENDS = ("PyTorchJob", "TrainJob")
+
+
+def served_kinds(default: str, listed: str) -> list[str]:
+    """The default backend first, then the other listed ones; ValueError for an unknown kind."""
+    kinds = [default, *(k.strip() for k in listed.split(",") if k.strip())]
+    unknown = sorted(set(kinds) - set(BACKENDS))
+    if unknown:
+        raise ValueError(f"unknown backend(s) {', '.join(unknown)}: choose from {', '.join(BACKENDS)}")
+    return list(dict.fromkeys(kinds))
+
 
 LOG_FORMATS = {"plain": kopf.LogFormat.PLAIN, "full": kopf.LogFormat.FULL, "json": kopf.LogFormat.JSON}
 
@@ -20,7 +34,27 @@ LOG_FORMATS = {"plain": kopf.LogFormat.PLAIN, "full": kopf.LogFormat.FULL, "json
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="llavarun operator",
-        description="Reconcile LlavaRuns into one Kubeflow PyTorchJob per stage (kopf, standalone).",
+        description="Reconcile LlavaRuns into one Kubeflow PyTorchJob or TrainJob per stage (kopf, standalone).",
+    )
+    parser.add_argument(
+        "--backend",
+        choices=BACKENDS,
+        default="PyTorchJob",
+        help="What runs the stages of a run whose spec.backend is unset (default: %(default)s).",
+    )
+    parser.add_argument(
+        "--backends",
+        default="",
+        metavar="KIND,...",
+        help="Every backend served, comma-separated (spec.backend may pick any); default: --backend only. "
+        "PyTorchJob needs the training-operator, TrainJob Kubeflow Trainer v2 with JobSet.",
+    )
+    parser.add_argument(
+        "--training-runtime",
+        default=DEFAULT_RUNTIME,
+        metavar="NAME",
+        help="TrainJob backend: the ClusterTrainingRuntime of runs without spec.trainingRuntime "
+        "(default: %(default)s, the chart's).",
     )
     parser.add_argument(
         "-n",
@@ -67,8 +101,12 @@ def main(argv: list[str] | None = None) -> int:
     kopf.configure(debug=args.debug, verbose=args.verbose, log_format=LOG_FORMATS[args.log_format])
     logging.getLogger("llavarun").setLevel(logging.INFO)
 
-    from .handlers import REGISTRY, Context
+    from .handlers import REGISTRY, Context, serve_children
 
+    available = {"PyTorchJob": PYTORCHJOB, "TrainJob": TrainJobBackend(args.training_runtime)}
+    default, *others = (available[k] for k in served_kinds(args.backend, args.backends))
+    for backend in (default, *others):
+        serve_children(backend)
     metrics.serve(args.metrics_port, args.bind_address)
     liveness = f"http://{args.bind_address}:{args.liveness_port}/healthz" if args.liveness_port else None
     kopf.run(
@@ -77,6 +115,13 @@ def main(argv: list[str] | None = None) -> int:
         clusterwide=not args.namespace,
         namespaces=args.namespace,
         liveness_endpoint=liveness,
-        memo=kopf.Memo(ctx=Context(resync_seconds=args.resync_seconds, api_workers=args.api_workers)),
+        memo=kopf.Memo(
+            ctx=Context(
+                resync_seconds=args.resync_seconds,
+                api_workers=args.api_workers,
+                backend=default,
+                others=tuple(others),
+            )
+        ),
     )
     return 0

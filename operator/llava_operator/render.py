@@ -1,4 +1,5 @@
-"""Render what the operator creates for a LlavaRun: per-run RBAC and one PyTorchJob per stage.
+"""Render what the operator creates for a LlavaRun: per-run RBAC and one PyTorchJob per stage;
+`stage_values` is the stage contract every cluster backend renders (backends/trainjob.py too).
 
 Pure: (LlavaRun, stage, attempt) -> manifests as dicts. The Jinja2 templates only lay out
 structure; every value goes through `tojson`, so user strings stay strings.
@@ -142,16 +143,14 @@ def _volumes(run: LlavaRun, shm_size: str | None) -> tuple[list[dict[str, Any]],
     return volumes, mounts
 
 
-def render_stage_job(run: LlavaRun, stage: Stage, attempt: int = 0) -> dict[str, Any]:
-    """The PyTorchJob for one attempt of one stage."""
+def stage_values(run: LlavaRun, stage: Stage, attempt: int = 0) -> tuple[dict[str, Any], dict[str, Any]]:
+    """What every cluster backend renders for one attempt of one stage: the job-level values
+    (name, labels, nodes, processes per node, suspension, deadline) and the pod's."""
     spec = run.spec
     config = spec.stage_config(stage)
     res = config.resources
     is_prepare = isinstance(res, PrepareResources)
-    nodes = 1 if is_prepare else res.nodes
     gpus = 0 if is_prepare else res.gpus_per_node
-    nproc = 1 if is_prepare else res.gpus_per_node
-    name = job_name(run.name, stage, attempt)
     labels = stage_labels(run.name, stage, attempt)
     job_labels = dict(labels)
     if spec.placement.queue_name:
@@ -180,19 +179,26 @@ def render_stage_job(run: LlavaRun, stage: Stage, attempt: int = 0) -> dict[str,
         "volume_mounts": mounts,
         "volumes": volumes,
     }
-    replicas = [{"type": "Master", "count": 1}]
-    if nodes > 1:
-        replicas.append({"type": "Worker", "count": nodes - 1})
     job = {
-        "name": name,
+        "name": job_name(run.name, stage, attempt),
         "namespace": run.namespace,
         "labels": job_labels,
         "annotations": {"llavarun.io/generation": str(run.metadata.generation or 0)},
-        "nproc_per_node": nproc,
+        "nodes": 1 if is_prepare else res.nodes,
+        "nproc_per_node": 1 if is_prepare else res.gpus_per_node,
         "suspend": spec.suspend,
         "active_deadline_seconds": res.active_deadline_seconds,
-        "replicas": replicas,
     }
+    return job, pod
+
+
+def render_stage_job(run: LlavaRun, stage: Stage, attempt: int = 0) -> dict[str, Any]:
+    """The PyTorchJob for one attempt of one stage."""
+    job, pod = stage_values(run, stage, attempt)
+    replicas = [{"type": "Master", "count": 1}]
+    if job["nodes"] > 1:
+        replicas.append({"type": "Worker", "count": job["nodes"] - 1})
+    job["replicas"] = replicas
     (manifest,) = _render("pytorchjob.yaml.j2", job=job, pod=pod, owner=owner_reference(run))
     return manifest
 

@@ -72,6 +72,38 @@ def _preserve_unknown(description: str) -> dict[str, Any]:
     return {"type": "object", "x-kubernetes-preserve-unknown-fields": True, "description": description}
 
 
+class BackendKind(StrEnum):
+    """What runs a stage attempt on a cluster."""
+
+    PYTORCHJOB = "PyTorchJob"
+    TRAINJOB = "TrainJob"
+
+
+#: What a TrainJob's runtimePatches cannot carry, so a TrainJob run refuses it (field, reason).
+_TRAINJOB_REFUSED = (
+    ("priorityClassName", "a TrainJob's runtimePatches cannot set a pod's priorityClassName"),
+    ("schedulerName", "a TrainJob's runtimePatches cannot set a pod's schedulerName"),
+)
+_TRAINJOB_RULES = [
+    {
+        "rule": f"!has(self.backend) || self.backend != 'TrainJob' || !has(self.placement) "
+        f"|| !has(self.placement.{field})",
+        "message": f"placement.{field} is not supported with backend TrainJob: {reason} "
+        f"(use backend PyTorchJob, or set it in your own ClusterTrainingRuntime)",
+        "fieldPath": f".placement.{field}",
+    }
+    for field, reason in _TRAINJOB_REFUSED
+] + [
+    {
+        "rule": "!has(self.backend) || self.backend != 'TrainJob' || !has(self.imagePullPolicy) "
+        "|| self.imagePullPolicy == 'IfNotPresent'",
+        "message": "imagePullPolicy is not supported with backend TrainJob: the ClusterTrainingRuntime "
+        "sets it (use backend PyTorchJob, or set it in your own ClusterTrainingRuntime)",
+        "fieldPath": ".imagePullPolicy",
+    }
+]
+
+
 class Toleration(ApiModel):
     """A core/v1 Toleration."""
 
@@ -328,7 +360,9 @@ _STAGE_ORDER_RULE = _stage_order_rule()
 class LlavaRunSpec(ApiModel):
     """One LLaVA-1.5 recipe run: the chosen stages, each as a PyTorchJob on a GPU node pool."""
 
-    model_config = ConfigDict(json_schema_extra={"x-kubernetes-validations": [_STAGE_ORDER_RULE]})
+    model_config = ConfigDict(
+        json_schema_extra={"x-kubernetes-validations": [_STAGE_ORDER_RULE, *_TRAINJOB_RULES]}
+    )
 
     stages: list[Stage] = Field(
         default_factory=lambda: list(STAGE_ORDER),
@@ -347,6 +381,12 @@ class LlavaRunSpec(ApiModel):
     """Further attempts of a failed stage; each resumes from the newest checkpoint."""
     service_account_name: str | None = Field(None, pattern=DNS1035, max_length=63)
     """Run the stages under this ServiceAccount instead of the one created per run."""
+    backend: BackendKind | None = None
+    """What runs each stage: PyTorchJob (Kubeflow training-operator) or TrainJob (Kubeflow Trainer
+    v2); unset, the operator's default. Recorded in status.backend when the run starts: a started run
+    never switches."""
+    training_runtime: str | None = Field(None, pattern=r"^[a-z0-9]([-.a-z0-9]*[a-z0-9])?$", max_length=253)
+    """TrainJob backend: the ClusterTrainingRuntime the stages run on; unset, the operator's."""
     accelerator: Accelerator = Field(default_factory=Accelerator)
     placement: Placement = Field(default_factory=Placement)
     storage: Storage
@@ -368,5 +408,21 @@ class LlavaRunSpec(ApiModel):
             )
         return stages
 
+    @model_validator(mode="after")
+    def _trainjob_refusals(self) -> LlavaRunSpec:
+        if self.backend is BackendKind.TRAINJOB:
+            refused = trainjob_refusals(self)
+            if refused:
+                raise ValueError("; ".join(refused))
+        return self
+
     def stage_config(self, stage: Stage) -> PrepareStage | PretrainStage | FinetuneStage | EvaluateStage:
         return getattr(self, stage.value)
+
+
+def trainjob_refusals(spec: LlavaRunSpec) -> list[str]:
+    """Why a TrainJob cannot run this spec as asked (the CEL rules' messages); [] when it can."""
+    placement = spec.placement
+    refused = [placement.priority_class_name is not None, placement.scheduler_name is not None]
+    refused.append(spec.image_pull_policy != "IfNotPresent")
+    return [rule["message"] for rule, bad in zip(_TRAINJOB_RULES, refused, strict=True) if bad]

@@ -160,6 +160,8 @@ class LlavaRunStatus(ApiModel):
     stage: str | None = None
     """The stage running now, or the last one when the run has ended."""
     current_job: str | None = None
+    backend: Literal["PyTorchJob", "TrainJob"] | None = None
+    """What runs the stages, recorded by the operator when the run starts (never switches)."""
     stages: StagesStatus | None = None
     conditions: list[Condition] = Field(
         default_factory=list,

@@ -84,22 +84,24 @@ def failed_pod_hint(job_name: str, state: JobState) -> str | None:
     return None
 
 
-def _termination(pod: Mapping[str, Any]) -> Mapping[str, Any] | None:
+def _termination(pod: Mapping[str, Any], container: str) -> Mapping[str, Any] | None:
     statuses = (pod.get("status") or {}).get("containerStatuses") or []
     for status in statuses:
-        if status.get("name") == MAIN_CONTAINER:
+        if status.get("name") == container:
             state = status.get("state") or {}
             last = status.get("lastState") or {}
             return state.get("terminated") or last.get("terminated")
     return None
 
 
-def describe_failed_pod(pods: Iterable[Mapping[str, Any]]) -> tuple[str, str] | None:
+def describe_failed_pod(
+    pods: Iterable[Mapping[str, Any]], container: str = MAIN_CONTAINER
+) -> tuple[str, str] | None:
     """(pod name, what happened) for the first failed pod, e.g. ("r-pretrain-master-0", "exit code 137,
     OOMKilled"); the earliest failure first, since later ones are usually its collateral damage."""
     failed = []
     for pod in pods:
-        term = _termination(pod)
+        term = _termination(pod, container)
         phase = (pod.get("status") or {}).get("phase")
         if phase == "Failed" or (term and term.get("exitCode")):
             failed.append((str((term or {}).get("finishedAt") or "~"), pod, term or {}))

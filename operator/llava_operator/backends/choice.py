@@ -1,0 +1,26 @@
+"""Which cluster backend runs a LlavaRun: recorded in status.backend when the run starts, so a
+started run never switches, whatever the spec or the operator's default says later."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+LEGACY_KIND = "PyTorchJob"
+"""What ran a run that started before status.backend was recorded."""
+
+
+def chosen_kind(body: Mapping[str, Any], default: str) -> str:
+    """status.backend, else (a run started without the record) PyTorchJob, else spec.backend, else
+    the operator's default."""
+    status = body.get("status") or {}
+    if status.get("backend"):
+        return str(status["backend"])
+    if status.get("currentJob") or status.get("stages"):
+        return LEGACY_KIND
+    return str((body.get("spec") or {}).get("backend") or default)
+
+
+def backend_record(body: Mapping[str, Any], kind: str) -> dict[str, Any]:
+    """The status merge patch recording the backend ({} when recorded)."""
+    return {} if (body.get("status") or {}).get("backend") == kind else {"backend": kind}
