@@ -23,7 +23,8 @@ from llava_operator import main as operator_main
 from llava_operator.api.crd import generate_crd
 from llava_operator.yamlio import dump
 
-from tests.helpers import ROOT
+from tests.helpers import ROOT, SHARED
+from tests.unit.test_render import unknown_fields
 
 CHART = ROOT / "charts" / "llavarun-operator"
 K8S_VERSION = "1.37.0"
@@ -327,3 +328,60 @@ def test_values_schema_refuses(bad: str) -> None:
     proc = helm("template", RELEASE, str(CHART), "--set", bad, check=False)
     assert proc.returncode != 0
     assert "schema" in proc.stderr.lower() or "values don't meet" in proc.stderr.lower(), proc.stderr
+
+
+# --- the TrainJob backend --------------------------------------------------------------------------
+
+TRAINJOB_ON = ("backends.trainJob.enabled=true",)
+RUNTIME_CRD = SHARED / "crds" / "trainer.kubeflow.org_clustertrainingruntimes.yaml"
+
+
+def test_trainjob_backend_adds_exactly_its_runtime_rbac_and_flags() -> None:
+    objs = render(*TRAINJOB_ON, "backends.default=TrainJob")
+    trainjobs = {
+        ("trainer.kubeflow.org", "trainjobs", v)
+        for v in ("create", "get", "list", "watch", "patch", "delete")
+    }
+    assert rules_of(one(objs, "ClusterRole", "lr-llavarun-operator")) == OPERATOR_RULES | trainjobs
+    args = one(objs, "Deployment")["spec"]["template"]["spec"]["containers"][0]["args"]
+    parsed = operator_main.build_parser().parse_args(args[1:])
+    assert (parsed.backend, parsed.training_runtime) == ("TrainJob", "llavarun-torch")
+    assert operator_main.served_kinds(parsed.backend, parsed.backends) == ["TrainJob", "PyTorchJob"]
+    default = operator_main.build_parser().parse_args(
+        one(render(), "Deployment")["spec"]["template"]["spec"]["containers"][0]["args"][1:]
+    )
+    assert operator_main.served_kinds(default.backend, default.backends) == ["PyTorchJob"]
+    assert not [o for o in render() if o["kind"] == "ClusterTrainingRuntime"]
+    assert not [
+        o
+        for o in render(*TRAINJOB_ON, "backends.trainJob.runtime.create=false")
+        if o["kind"] == "ClusterTrainingRuntime"
+    ]
+
+
+def test_trainjob_default_without_the_backend_is_refused() -> None:
+    proc = helm("template", RELEASE, str(CHART), "--set", "backends.default=TrainJob", check=False)
+    assert proc.returncode != 0 and "backends.trainJob.enabled" in proc.stderr
+
+
+def test_training_runtime_is_valid_restricted_and_fails_fast() -> None:
+    runtime = one(render(*TRAINJOB_ON), "ClusterTrainingRuntime", "llavarun-torch")
+    schema = yaml.safe_load(RUNTIME_CRD.read_text())["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    jsonschema.validators.validator_for(schema)(schema).validate(runtime)
+    assert unknown_fields(runtime, schema) == []
+    assert runtime["spec"]["mlPolicy"] == {"numNodes": 1, "torch": {}}
+    [rjob] = runtime["spec"]["template"]["spec"]["replicatedJobs"]
+    assert rjob["name"] == "node"
+    assert rjob["template"]["metadata"]["labels"]["trainer.kubeflow.org/trainjob-ancestor-step"] == "trainer"
+    assert rjob["template"]["spec"]["backoffLimit"] == 0
+    pod = rjob["template"]["spec"]["template"]
+    assert pod["spec"]["restartPolicy"] == "Never"
+    kubernetes_validate.validate(
+        {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p"}, "spec": pod["spec"]},
+        K8S_VERSION,
+        strict=True,
+    )
+    [container] = pod["spec"]["containers"]
+    assert container["name"] == "node"
+    assert container["securityContext"]["allowPrivilegeEscalation"] is False
+    assert pod["spec"]["securityContext"]["runAsNonRoot"] is True

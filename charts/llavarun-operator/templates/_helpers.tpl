@@ -58,6 +58,11 @@ those permissions ourselves: RBAC escalation prevention, hence llavaruns/status 
 - apiGroups: ["kubeflow.org"]
   resources: ["pytorchjobs"]
   verbs: ["create", "get", "list", "watch", "patch", "delete"]
+{{- if .Values.backends.trainJob.enabled }}
+- apiGroups: ["trainer.kubeflow.org"]
+  resources: ["trainjobs"]
+  verbs: ["create", "get", "list", "watch", "patch", "delete"]
+{{- end }}
 - apiGroups: [""]
   resources: ["serviceaccounts"]
   verbs: ["create"]
