@@ -14,6 +14,7 @@ import pytest
 from llava_operator.api import LlavaRun, Stage
 from llava_operator.api.spec import trainjob_refusals
 from llava_operator.backend import SPEC_HASH_ANNOTATION, SUSPEND_ANNOTATION
+from llava_operator.backends.choice import backend_record, chosen_kind
 from llava_operator.backends.trainjob import (
     DEFAULT_RUNTIME,
     MAIN_CONTAINER,
@@ -234,3 +235,18 @@ def test_suspend_patch_is_a_valid_trainjob_patch() -> None:
     patch = TRAINJOB.suspend_patch(True)
     assert patch == {"metadata": {"annotations": {SUSPEND_ANNOTATION: "true"}}, "spec": {"suspend": True}}
     assert unknown_fields(patch, trainjob_schema()) == []
+
+
+@pytest.mark.parametrize(
+    ("body", "kind"),
+    [
+        ({"spec": {}}, "PyTorchJob"),
+        ({"spec": {"backend": "TrainJob"}}, "TrainJob"),
+        ({"spec": {"backend": "PyTorchJob"}, "status": {"backend": "TrainJob"}}, "TrainJob"),
+        ({"spec": {"backend": "TrainJob"}, "status": {"currentJob": "r-prepare"}}, "PyTorchJob"),
+    ],
+)
+def test_the_recorded_backend_wins_so_a_run_never_switches(body: dict[str, Any], kind: str) -> None:
+    assert chosen_kind(body, "PyTorchJob") == kind
+    assert backend_record({**body, "status": {"backend": kind}}, kind) == {}
+    assert chosen_kind({"spec": {}}, "TrainJob") == "TrainJob"
