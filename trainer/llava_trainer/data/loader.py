@@ -128,6 +128,9 @@ class TrainLoader:
             collate_fn=_as_is,
             num_workers=self.num_workers,
             pin_memory=bool(accelerator is not None and accelerator.is_available()),
+            # Its own seed source: drawn from the global RNG, starting the iterator after a mid-epoch
+            # resume would shift every later random draw (LoRA's dropout) against the uninterrupted run.
+            generator=torch.Generator().manual_seed(self.sampler.seed + self.epoch),
         )
         for batch in loader:
             self.stats.add(batch.pop("_stats"))
