@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from pathlib import Path
 
 from . import yamlio
 
@@ -51,7 +52,7 @@ def _render(args: argparse.Namespace) -> int:
 
 
 def _validate(args: argparse.Namespace) -> int:
-    from .validate import check_documents, describe
+    from .validate import check_documents, data_problems, describe
 
     failed = 0
     for path in args.files:
@@ -62,6 +63,8 @@ def _validate(args: argparse.Namespace) -> int:
             print(err, file=sys.stderr)
             continue
         for document, found in zip(documents, check_documents(documents), strict=True):
+            if not found and args.data_dir is not None:
+                found = data_problems(document.data, args.data_dir)
             if found:
                 failed += 1
                 print(f"{document.where}: {describe(document.data)} is invalid:", file=sys.stderr)
@@ -96,6 +99,12 @@ def build_parser() -> argparse.ArgumentParser:
     render.set_defaults(func=_render)
     validate = sub.add_parser("validate", help=COMMANDS["validate"])
     validate.add_argument("files", nargs="+", help="LlavaRun YAML files")
+    validate.add_argument(
+        "--data-dir",
+        type=Path,
+        help="also check what each run reads from this data_dir (checkpoints, a task finetune's LLaVA "
+        "model, data), as llavarun local does before it starts",
+    )
     validate.set_defaults(func=_validate)
     from .capacity.cli import add_arguments as plan_arguments
     from .capacity.cli import run as plan_run

@@ -19,6 +19,7 @@ from llava_trainer.config import (
 )
 
 from .api import LlavaRunSpec, Stage
+from .api.spec import TRAINING_STAGES
 from .api.stage_params import STAGE_PARAMS
 from .capacity.checkpoint import grace_period_seconds
 from .naming import job_name
@@ -58,9 +59,14 @@ def stage_config(spec: LlavaRunSpec, stage: Stage, *, data_dir_override: str | N
             finetune_images=paths.finetune_images,
             mmmu_dir=paths.mmmu,
             stages=[s.value for s in spec.stages if s is not Stage.PREPARE],
-            max_length=max(spec.pretrain.max_length, spec.finetune.max_length),
+            # The longest a training stage of this run takes (lengths are measured up to it).
+            max_length=max(
+                (spec.stage_config(s).max_length for s in TRAINING_STAGES if s in spec.stages),
+                default=spec.finetune.max_length,
+            ),
             pretrain_bad_images=spec.pretrain.bad_images,
             finetune_bad_images=spec.finetune.bad_images,
+            finetune_model_path=spec.finetune.model_path if Stage.FINETUNE in spec.stages else None,
         )
     if stage is Stage.EVALUATE:
         return EvaluateConfig(**common, mmmu_dir=paths.mmmu)

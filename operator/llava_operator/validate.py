@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
@@ -104,6 +105,15 @@ def check_documents(documents: Sequence[Document]) -> list[list[Problem]]:
     """Per document of one file: its own problems, then a clash with an earlier document's name."""
     clashes = name_clashes(documents)
     return [problems(d.data) + ([clashes[i]] if i in clashes else []) for i, d in enumerate(documents)]
+
+
+def data_problems(document: dict[str, Any], data_dir: Path) -> list[Problem]:
+    """What a valid run would miss in `data_dir`, as `llavarun local` checks before it starts: the
+    layout, checkpoints, a task finetune's LLaVA model, inputs no stage of the run produces."""
+    from .local.preflight import check_inputs  # the trainer's file checks: only with a data_dir
+
+    found = check_inputs(load_run(document), data_dir)
+    return [Problem("data_dir", message.replace("\n", "\n  ")) for message in found]
 
 
 def _report(document: Any, found: Sequence[Problem]) -> str:

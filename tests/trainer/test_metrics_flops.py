@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 from types import SimpleNamespace
 
 import pytest
@@ -112,3 +113,95 @@ def test_log_lines_are_json_even_for_a_nan_loss(capsys: pytest.CaptureFixture[st
     assert record["event"] == "step"
     assert record["stage"] == "pretrain"
     assert record["loss"] is None
+
+
+# --- the accounting against torch's own FLOP counter on a real forward + backward ------------------
+
+
+def tiny_llava(image_token: int = 250) -> object:
+    """A random-init LLaVA at test widths with eager attention (every matmul visible to torch)."""
+    import torch
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    torch.manual_seed(0)
+    text = LlamaConfig(
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=160,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
+    vision = CLIPVisionConfig(
+        image_size=56,
+        patch_size=14,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+    )
+    config = LlavaConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_index=image_token,
+        image_seq_length=16,
+        projector_hidden_act="gelu",
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+    )
+    config._attn_implementation = "eager"
+    model = LlavaForConditionalGeneration(config)
+    for module in model.modules():  # the vision tower and the LLM carry their own configs
+        if getattr(module, "config", None) is not None:
+            module.config._attn_implementation = "eager"
+    return model.float()
+
+
+def measured_training_flops(model: object, tokens: int, image_token: int = 250) -> float:
+    """torch.utils.flop_counter's count of one sample's forward and backward (16 image tokens)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    ids = torch.randint(3, 200, (1, tokens))
+    ids[0, 1:17] = image_token
+    labels = ids.clone()
+    labels[0, :17] = -100
+    with FlopCounterMode(display=False) as counter:
+        loss = model(input_ids=ids, pixel_values=torch.randn(1, 3, 56, 56), labels=labels).loss
+        loss.backward()
+    return float(counter.get_total_flops())
+
+
+@pytest.mark.parametrize("variant", ["pretrain", "finetune", "lora"])
+def test_sample_flops_match_torchs_flop_counter(variant: str) -> None:
+    """What the log's MFU counts is what the model computes: pretrain (frozen LLM, 4N), full
+    finetune (6N) and LoRA (frozen LLM 4N + adapters 6N_a), measured on a real forward + backward.
+    The projector's first layer needs no input gradient, so the formula's 6·N_proj per image token
+    overcounts by 2·(CLIP width x LLM width) per image token, well under the tolerance."""
+    from llava_operator.api.stage_params import LoraParams
+    from llava_trainer import lora
+    from llava_trainer.model import freeze_for_stage
+
+    model = tiny_llava()
+    stage = "pretrain" if variant == "pretrain" else "finetune"
+    freeze_for_stage(model, stage, lora=variant == "lora")
+    shape = LlavaShape.from_config(model.config)
+    if variant == "lora":
+        model, adapters = lora.apply_lora(model, LoraParams(r=32, alpha=64, dropout=0.0))
+        assert adapters == shape.lora_params(32)  # the planner's count is what peft built
+        shape = replace(shape, adapter_params=adapters)
+    tokens = 48
+    expected = sample_flops(shape, stage, tokens, images=1)
+    assert measured_training_flops(model, tokens) == pytest.approx(expected, rel=0.01)
+
+
+def test_lora_counts_its_adapters_and_not_the_llms_weight_gradients() -> None:
+    # LLaVA-1.5-7B's LoRA (r 128 on all seven linear layers of 32 decoder layers): 319.8M adapters.
+    assert VICUNA_7B.lora_params(128) == 319_815_680
+    assert VICUNA_7B.lora_params(128, ["q_proj", "v_proj"]) == 32 * 2 * 128 * (4096 + 4096)
+    shape = replace(VICUNA_7B, adapter_params=VICUNA_7B.lora_params(128))
+    full = sample_flops(VICUNA_7B, "finetune", 1000, 1)
+    lora = sample_flops(shape, "finetune", 1000, 1)
+    assert full - lora == pytest.approx((2 * VICUNA_7B.llm_matmul_params - 6 * 319_815_680) * 1000)
+    # FlagPerf's convention is per stage: LoRA is a finetune there (6N per padded token).
+    assert flagperf_flops(shape, "finetune", 1000) == flagperf_flops(VICUNA_7B, "finetune", 1000)

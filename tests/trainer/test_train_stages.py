@@ -37,8 +37,8 @@ def stages(tmp_path_factory: pytest.TempPathFactory, synth_dir: Path) -> dict[st
     started: dict[str, dict[str, torch.Tensor]] = {}
     real_freeze = train_module.llava_model.freeze_for_stage
 
-    def spy(model: Any, stage: str) -> dict[str, int]:
-        counts = real_freeze(model, stage)
+    def spy(model: Any, stage: str, **kwargs: Any) -> dict[str, int]:
+        counts = real_freeze(model, stage, **kwargs)
         started[stage] = snapshot(model)
         return counts
 

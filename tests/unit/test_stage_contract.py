@@ -40,7 +40,10 @@ DERIVED: dict[str, list[tuple[str, str]]] = {
     "finetune.badImages": [("prepare", "finetune_bad_images")],
     "pretrain.maxLength": [("prepare", "max_length")],
     "finetune.maxLength": [("prepare", "max_length")],
+    "finetune.modelPath": [("prepare", "finetune_model_path")],
 }
+# A field whose other values are valid only with another change (a task finetune runs without pretrain).
+REQUIRES = {"finetune.modelPath": {"stages": ["prepare", "finetune", "evaluate"]}}
 # Spec fields that reach the trainer's processes as environment, not flags.
 ENVIRONMENT = {"accelerator.backend": "LLAVARUN_DIST_BACKEND"}
 # Spec fields only the cluster uses (pods, jobs, RBAC), with why the trainer does not need them.
@@ -51,6 +54,8 @@ CLUSTER_ONLY = {
     "suspend": "the operator suspends and resumes the stage's job",
     "retries": "the operator creates further attempts",
     "serviceAccountName": "the pod's identity",
+    "backend": "which kind of job the operator creates per stage (PyTorchJob or TrainJob)",
+    "trainingRuntime": "the ClusterTrainingRuntime a TrainJob runs on",
     "accelerator.resourceName": "the extended resource each pod requests",
     "accelerator.taintKey": "the toleration every pod gets",
     "placement": "node selection, tolerations, queue, annotations and env of the pods",
@@ -87,12 +92,31 @@ def leaf_fields(model: type[BaseModel], prefix: str = "") -> list[str]:
 
 
 def contract_paths() -> dict[str, tuple[str, str]]:
-    """spec path -> (stage, trainer field) for every stage-contract field."""
-    return {
-        f"{stage}.{field.alias}": (stage, name)
-        for stage, params in STAGE_PARAMS.items()
-        for name, field in params.model_fields.items()
-    }
+    """spec path -> (stage, trainer field) for every stage-contract field; a nested section's
+    fields (finetune.lora.r) by dotted name (lora.r)."""
+    paths = {}
+    for stage, params in STAGE_PARAMS.items():
+        for name, field in params.model_fields.items():
+            nested = _model_of(field.annotation)
+            inner = nested.model_fields.items() if nested else [(None, None)]
+            for sub, sub_field in inner:
+                path = f"{stage}.{field.alias}" + (f".{sub_field.alias}" if sub_field else "")
+                paths[path] = (stage, f"{name}.{sub}" if sub else name)
+    return paths
+
+
+def _field(stage: str, dotted: str) -> Any:
+    """The contract field named `lora.r` or `learning_rate` of a stage."""
+    model, *rest = STAGE_PARAMS[stage], *dotted.split(".")
+    for name in rest[:-1]:
+        model = _model_of(model.model_fields[name].annotation)
+    return model.model_fields[rest[-1]]
+
+
+def _get(config: Any, dotted: str) -> Any:
+    for name in dotted.split("."):
+        config = getattr(config, name)
+    return config
 
 
 def test_every_spec_field_has_a_known_destination():
@@ -133,10 +157,15 @@ def base_spec() -> dict[str, Any]:
 @pytest.mark.parametrize("path", sorted(contract_paths()))
 def test_a_contract_field_reaches_the_trainer_unchanged(path: str, base_spec: dict[str, Any]):
     stage, name = contract_paths()[path]
-    value = _different_value(STAGE_PARAMS[stage].model_fields[name])
-    base_spec["spec"].setdefault(stage, {})[STAGE_PARAMS[stage].model_fields[name].alias] = value
+    value = _different_value(_field(stage, name))
+    *parents, leaf = path.split(".")
+    target = base_spec["spec"]
+    for key in parents:
+        target = target.setdefault(key, {})
+    target[leaf] = value
+    base_spec["spec"].update(REQUIRES.get(path, {}))
     spec = LlavaRun.model_validate(base_spec).spec
-    assert getattr(stage_config(spec, Stage(stage)), name) == value
+    assert _get(stage_config(spec, Stage(stage)), name) == value
 
 
 @pytest.mark.parametrize("path", sorted(DERIVED))
@@ -158,6 +187,7 @@ def test_a_derived_field_reaches_the_trainer(path: str, base_spec: dict[str, Any
     for key in parents:
         target = target.setdefault(key, {"source": {"emptyDir": {}}} if key == "output" else {})
     target[leaf] = value
+    base_spec["spec"].update(REQUIRES.get(path, {}))
     spec = LlavaRun.model_validate(base_spec).spec
     for stage, name in DERIVED[path]:
         if Stage(stage) not in spec.stages and stage != "prepare":

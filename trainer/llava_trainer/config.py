@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from collections.abc import Iterator
 from enum import Enum
 from pathlib import Path
 from types import UnionType
@@ -24,11 +25,13 @@ from llava_operator.api.stage_params import (
     BadImages,
     EvaluateParams,
     FinetuneParams,
+    LoraParams,
     PrepareParams,
     PretrainParams,
     TrainingParams,
 )
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic.fields import FieldInfo
 
 OUTPUT_DIRS = {
     "prepare": "prepare",
@@ -87,6 +90,23 @@ class ModelPaths(StageConfig):
     language_model: str = LAYOUT.language_model
     vision_tower: str = LAYOUT.vision_tower
 
+    @property
+    def start_model(self) -> Path | None:
+        """The Hugging Face LLaVA directory a task finetune starts from; None when the model is
+        assembled from language_model, vision_tower and a projector."""
+        return None
+
+    @property
+    def tokenizer_dir(self) -> Path:
+        """The tokenizer's directory: the LLaVA model's in a task finetune, else the language model's."""
+        return self.start_model or self.resolve(self.language_model)
+
+    @property
+    def vision_dir(self) -> Path:
+        """Whose config.json gives the image geometry and whose preprocessor_config.json the image
+        processor: the LLaVA model in a task finetune, else the vision tower."""
+        return self.start_model or self.resolve(self.vision_tower)
+
 
 class PrepareConfig(PrepareParams, ModelPaths):
     stage: str = Field("prepare", exclude=True)
@@ -105,6 +125,22 @@ class PrepareConfig(PrepareParams, ModelPaths):
     """The pretrain stage's bad_images: prepare fails when that stage would stop on this data."""
     finetune_bad_images: BadImages = BAD_IMAGES_DEFAULT
     """The finetune stage's bad_images (see pretrain_bad_images)."""
+    finetune_model_path: str | None = None
+    """The finetune stage's model_path (task finetune): prepare checks that LLaVA directory and
+    measures lengths with its tokenizer instead of language_model's."""
+
+    @model_validator(mode="after")
+    def _task_finetune_alone(self) -> PrepareConfig:
+        if self.finetune_model_path is not None and "pretrain" in self.stages:
+            raise ValueError(
+                "--finetune-model-path (a task finetune from a whole LLaVA model) leaves nothing for "
+                "pretrain to do: drop pretrain from --stages"
+            )
+        return self
+
+    @property
+    def start_model(self) -> Path | None:
+        return self.resolve(self.finetune_model_path) if "finetune" in self.stages else None
 
 
 class TrainConfig(TrainingParams, ModelPaths):
@@ -119,6 +155,11 @@ class TrainConfig(TrainingParams, ModelPaths):
     accelerator table, else the --accelerator profile's default."""
     accelerator: AcceleratorProfileName | None = None
     """The run's accelerator profile, whose default peak counts when the device is not in the table."""
+
+    @property
+    def lora_params(self) -> LoraParams | None:
+        """A LoRA finetune's settings; None for a full finetune and for pretrain."""
+        return getattr(self, "lora", None)
 
 
 class PretrainConfig(PretrainParams, TrainConfig):
@@ -139,6 +180,10 @@ class FinetuneConfig(FinetuneParams, TrainConfig):
         """Default: <output root>/checkpoints_pretrain/mm_projector.bin."""
         explicit = self.resolve(self.pretrained_projector)
         return explicit or self.output_root / OUTPUT_DIRS["pretrain"] / PROJECTOR_FILE
+
+    @property
+    def start_model(self) -> Path | None:
+        return self.resolve(self.model_path)
 
 
 class EvaluateConfig(EvaluateParams, StageConfig):
@@ -170,15 +215,45 @@ def _is_list(annotation: Any) -> bool:
     return get_origin(annotation) is list
 
 
-def add_config_flags(parser: argparse.ArgumentParser, config: type[StageConfig]) -> None:
-    """One `--kebab-name VALUE` flag per config field; values are validated by the model."""
+def _nested_model(annotation: Any) -> type[BaseModel] | None:
+    """The model of a nested contract section (`X` or `X | None`, e.g. finetune's lora), else None."""
+    for candidate in (annotation, *get_args(annotation)):
+        if isinstance(candidate, type) and issubclass(candidate, BaseModel):
+            return candidate
+    return None
+
+
+def _flags(config: type[BaseModel]) -> Iterator[tuple[str, str | None, FieldInfo]]:
+    """(flag field, section, field) of every flag: a plain field is its own flag; each field of a
+    nested section is `<section>_<field>` (`--lora-r`), one definition serialised flat."""
     for name, field in config.model_fields.items():
         if field.exclude:
             continue
+        nested = _nested_model(field.annotation)
+        if nested is None:
+            yield name, None, field
+        else:
+            for inner, inner_field in nested.model_fields.items():
+                yield f"{name}_{inner}", name, inner_field
+
+
+def add_config_flags(parser: argparse.ArgumentParser, config: type[StageConfig]) -> None:
+    """One `--kebab-name VALUE` flag per config field (per field of a nested section: any of them
+    turns the section on); values are validated by the model."""
+    groups: dict[str, Any] = {}
+    for name, section, field in _flags(config):
+        target: Any = parser
+        if section is not None:
+            if section not in groups:
+                about = config.model_fields[section].description or ""
+                groups[section] = parser.add_argument_group(
+                    f"{flag_name(section)}-*", f"{about} Any of these flags turns it on."
+                )
+            target = groups[section]
         kind = "comma-separated list" if _is_list(field.annotation) else _type_hint(field.annotation)
         default = None if field.is_required() else field.get_default(call_default_factory=True)
         help_text = f"{field.description or ''} ({kind}; default: {default})".strip()
-        parser.add_argument(flag_name(name), dest=name, default=argparse.SUPPRESS, help=help_text)
+        target.add_argument(flag_name(name), dest=name, default=argparse.SUPPRESS, help=help_text)
 
 
 def _type_hint(annotation: Any) -> str:
@@ -189,33 +264,50 @@ def _type_hint(annotation: Any) -> str:
         return "|".join(str(a) for a in get_args(annotation))
     if isinstance(annotation, type) and issubclass(annotation, Enum):
         return "|".join(str(member.value) for member in annotation)
+    if _is_list(annotation):
+        return _type_hint(get_args(annotation)[0])
     return getattr(annotation, "__name__", str(annotation))
 
 
 def parse_config(config: type[StageConfig], namespace: argparse.Namespace) -> StageConfig:
     """Build the typed config from parsed flags, with readable errors naming the flag."""
     values: dict[str, Any] = {}
-    for name, field in config.model_fields.items():
-        if name in vars(namespace):
-            raw = getattr(namespace, name)
-            values[name] = [v for v in raw.split(",") if v] if _is_list(field.annotation) else raw
+    given = vars(namespace)
+    for name, section, field in _flags(config):
+        if name in given:
+            raw = given[name]
+            value = [v for v in raw.split(",") if v] if _is_list(field.annotation) else raw
+            if section is None:
+                values[name] = value
+            else:
+                values.setdefault(section, {})[name.removeprefix(f"{section}_")] = value
     if "data_dir" not in values and os.environ.get("LLAVARUN_DATA_DIR"):
         values["data_dir"] = os.environ["LLAVARUN_DATA_DIR"]
     try:
         return config.model_validate(values)
     except ValidationError as err:
         lines = [
-            f"{flag_name(str(e['loc'][0])) if e['loc'] else ''}: {e['msg']}"
+            f"{_error_flag(e['loc'])}: {e['msg']}"
             + (f" (got {e['input']!r})" if e["type"] != "missing" else "")
             for e in err.errors()
         ]
         raise SystemExit("llava-trainer: invalid flags:\n  " + "\n  ".join(lines)) from None
 
 
+def _error_flag(loc: tuple[Any, ...]) -> str:
+    """The flag an error location names: ('lora', 'r') is --lora-r, ('stages', 0) is --stages."""
+    names = [str(part) for part in loc if not isinstance(part, int)]
+    return flag_name("_".join(names)) if names else ""
+
+
 def config_to_args(config: StageConfig) -> list[str]:
     """The flags that reproduce `config` (used by the renderer's round-trip test and the local runner)."""
     args: list[str] = []
-    for name, value in config.model_dump(exclude_none=True, mode="json").items():
+    dumped = config.model_dump(exclude_none=True, mode="json")
+    for name, section, _ in _flags(type(config)):
+        value = dumped.get(section, {}).get(name.removeprefix(f"{section}_")) if section else dumped.get(name)
+        if value is None:
+            continue
         if isinstance(value, list):
             value = ",".join(value)
         elif isinstance(value, bool):

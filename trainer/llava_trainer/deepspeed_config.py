@@ -3,11 +3,14 @@
 Mirrors LLaVA's scripts/zero2.json and zero3.json (which FlagPerf reuses) with HF Trainer's
 "auto" values resolved: ZeRO-2 for pretrain, ZeRO-3 for finetune (from `--zero-stage`), bucket
 sizes from the LLM's hidden size, gradient clipping 1.0. The optimizer is torch's AdamW
-(`torch_adam`), so no DeepSpeed op has to be compiled and every accelerator works the same.
+(`torch_adam`), so no DeepSpeed op has to be compiled and every accelerator works the same; its
+parameter groups (`parameter_groups`) carry their own learning rates (LoRA's adapters and the
+projector differ, as in LLaVA's finetune_lora.sh) and DeepSpeed keeps them.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -108,3 +111,33 @@ def build_deepspeed_config(
         "steps_per_print": 10**12,  # our own log reports every step; keep DeepSpeed's quiet
         "wall_clock_breakdown": False,
     }
+
+
+def parameter_groups(
+    named_parameters: Iterable[tuple[str, Any]],
+    *,
+    learning_rate: float,
+    weight_decay: float,
+    adapter_learning_rate: float | None = None,
+    is_adapter: Callable[[str], bool] = lambda name: False,
+) -> list[dict[str, Any]]:
+    """AdamW's groups of trainable parameters: LoRA adapters first at `adapter_learning_rate` (when
+    given), the rest (projector; the LLM in a full finetune) at `learning_rate`; within each, no
+    weight decay on biases and norm weights (as HF Trainer). The LR schedule scales every group's
+    rate alike, and the log's learning_rate is the first group's."""
+    groups: dict[tuple[bool, bool], list[Any]] = {}
+    for name, param in named_parameters:
+        if param.requires_grad:
+            adapter = adapter_learning_rate is not None and is_adapter(name)
+            decays = param.ndim >= 2 and not name.endswith(".bias")
+            groups.setdefault((adapter, decays), []).append(param)
+    return [
+        {
+            "params": groups[adapter, decays],
+            "lr": adapter_learning_rate if adapter else learning_rate,
+            "weight_decay": weight_decay if decays else 0.0,
+        }
+        for adapter in (True, False)
+        for decays in (True, False)
+        if (adapter, decays) in groups
+    ]

@@ -4,11 +4,12 @@ Two MFU conventions are reported side by side:
 
 - ours: model FLOPs actually needed per sample, on real (unpadded) tokens. LLM dense matmuls
   4·N·T in pretrain (frozen LLM: forward 2N plus the activation-gradient backward 2N that the
-  projector's gradients need) or 6·N·T in finetune; attention QKᵀ and AV 12·T²·d·L (forward and
+  projector's gradients need) or 6·N·T in finetune; a LoRA finetune is the frozen LLM's 4·N·T
+  plus 6·N_a·T for the N_a adapter parameters (forward, activation and weight gradients); attention QKᵀ and AV 12·T²·d·L (forward and
   backward, both stages); the CLIP forward for every image; the trained projector 6·N_proj per
   image token. Gradient-checkpoint recomputation is not counted (that would be HFU).
-- FlagPerf's: 2·N (pretrain) or 6·N (finetune) per *padded* token, N the nominal LLM size
-  (7e9, 13e9), nothing else; so numbers compare with the published FlagPerf tables.
+- FlagPerf's: 2·N (pretrain) or 6·N (finetune, LoRA too) per *padded* token, N the nominal LLM
+  size (7e9, 13e9), nothing else; so numbers compare with the published FlagPerf tables.
 
 N here counts the LLM's matmul weights: every linear layer plus the LM head, not the input
 embedding (a lookup) or the norms. The peak per device, MFU's denominator, comes from the one
@@ -25,6 +26,7 @@ import math
 import os
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -53,6 +55,8 @@ class LlavaShape:
     patch_size: int
     channels: int = 3
     feature_layers: int = 1
+    adapter_params: int = 0
+    """Trained LoRA adapter parameters on the LLM (its own weights then frozen); 0: no adapters."""
 
     @classmethod
     def from_config(cls, config: Any) -> LlavaShape:
@@ -83,12 +87,29 @@ class LlavaShape:
 
     @property
     def llm_matmul_params(self) -> int:
-        """N: attention and MLP weights of every layer plus the LM head."""
-        q_out = self.heads * self.head_dim
-        kv_out = self.kv_heads * self.head_dim
-        attention = self.hidden * (q_out + 2 * kv_out) + q_out * self.hidden
-        mlp = 3 * self.hidden * self.intermediate  # gate, up, down (SwiGLU)
-        return self.layers * (attention + mlp) + self.hidden * self.vocab
+        """N: attention and MLP (SwiGLU) weights of every layer plus the LM head."""
+        per_layer = sum(d_in * d_out for d_in, d_out in self.decoder_linears().values())
+        return self.layers * per_layer + self.hidden * self.vocab
+
+    def decoder_linears(self) -> dict[str, tuple[int, int]]:
+        """(in, out) features of each linear layer of one decoder layer, by module name (LLaMA's)."""
+        q_out, kv_out = self.heads * self.head_dim, self.kv_heads * self.head_dim
+        return {
+            "q_proj": (self.hidden, q_out),
+            "k_proj": (self.hidden, kv_out),
+            "v_proj": (self.hidden, kv_out),
+            "o_proj": (q_out, self.hidden),
+            "gate_proj": (self.hidden, self.intermediate),
+            "up_proj": (self.hidden, self.intermediate),
+            "down_proj": (self.intermediate, self.hidden),
+        }
+
+    def lora_params(self, r: int, targets: Sequence[str] = ()) -> int:
+        """Parameters of rank-`r` adapters on the `targets` linear layers (empty: all of them) of
+        every decoder layer: r x (in + out) each (A is r x in, B is out x r)."""
+        linears = self.decoder_linears()
+        chosen = targets or list(linears)
+        return self.layers * sum(r * sum(linears[name]) for name in chosen)
 
     @property
     def llm_params(self) -> int:
@@ -118,7 +139,12 @@ def flagperf_params(llm_params: int) -> float:
 
 def sample_flops(shape: LlavaShape, stage: Stage, tokens: int, images: int) -> float:
     """Model FLOPs of one training sample of `tokens` real LLM tokens (images included) (ours)."""
-    dense = (4 if stage == "pretrain" else 6) * shape.llm_matmul_params * tokens
+    if stage == "pretrain":
+        dense = 4 * shape.llm_matmul_params * tokens
+    elif shape.adapter_params:  # LoRA: the frozen LLM computes no weight gradients; the adapters do
+        dense = (4 * shape.llm_matmul_params + 6 * shape.adapter_params) * tokens
+    else:
+        dense = 6 * shape.llm_matmul_params * tokens
     attention = 12 * tokens**2 * shape.hidden * shape.layers
     vision = images * (shape.clip_forward_flops() + 6 * shape.projector_params * shape.image_tokens)
     return float(dense + attention + vision)

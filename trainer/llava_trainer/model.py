@@ -1,10 +1,11 @@
-"""LlavaForConditionalGeneration assembled from the local Vicuna and CLIP checkpoints; freezing per
-stage; the projector file; the exported Hugging Face model directory.
+"""LlavaForConditionalGeneration assembled from the local Vicuna and CLIP checkpoints (or loaded whole,
+for a task finetune); freezing per stage; the projector file; the exported Hugging Face model
+directory. LoRA adapters on top are `llava_trainer.lora`'s.
 
 Assembly keeps one copy of the weights: the LLM and the vision tower are each loaded once by
 `from_pretrained` (straight to the device, or partitioned under `deepspeed.zero.Init` when
 ZeRO-3 is on, through HF's `HfDeepSpeedConfig`), the LLaVA shell is built on the meta device and
-the loaded modules are moved into it. Only the projector (~31M parameters at 13B) is new.
+the loaded modules are moved into it. Only the projector (~21M parameters at 7B, ~31M at 13B) is new.
 
 Projector files: `mm_projector.bin` uses LLaVA's keys (`model.mm_projector.0.weight`, `.0.bias`,
 `.2.weight`, `.2.bias`) so the original LLaVA code and FlagPerf can read it too; loading also
@@ -121,6 +122,42 @@ def build_llava(
     return model
 
 
+def load_llava(
+    path: Path,
+    *,
+    vocab_size: int,
+    image_token_id: int,
+    pad_token_id: int | None,
+    precision: str,
+    device: torch.device,
+    zero3_config: dict[str, Any] | None = None,
+    attn_implementation: str = "sdpa",
+) -> LlavaForConditionalGeneration:
+    """A whole Hugging Face LLaVA model (task finetune: e.g. llava-hf/llava-1.5-7b-hf), loaded as
+    `build_llava` loads its parts; it must agree with its own tokenizer on the <image> id."""
+    placement: dict[str, Any] = {} if zero3_config else {"device_map": {"": device}}
+    common = {"dtype": DTYPES[precision], "attn_implementation": attn_implementation, **placement}
+    with _zero3_loading(zero3_config):
+        model = _load_complete(LlavaForConditionalGeneration, path, common)
+    config = model.config
+    if config.image_token_index != image_token_id:
+        raise ValueError(
+            f"{path}: config.json's image_token_index {config.image_token_index} is not the id of its "
+            f"tokenizer's <image> token ({image_token_id}); the directory mixes two models"
+        )
+    if config.text_config.vocab_size < vocab_size:
+        raise ValueError(
+            f"{path}: the language model has {config.text_config.vocab_size} embedding rows but its "
+            f"tokenizer {vocab_size} tokens; the directory mixes two models"
+        )
+    if pad_token_id is not None:
+        config.pad_token_id = config.text_config.pad_token_id = pad_token_id
+        model.generation_config.pad_token_id = pad_token_id
+    config.use_cache = False
+    _set_attention(model, attn_implementation)
+    return model
+
+
 @contextmanager
 def _zero3_loading(ds_config: dict[str, Any] | None) -> Iterator[None]:
     """While an HfDeepSpeedConfig is alive, HF's from_pretrained loads under deepspeed.zero.Init
@@ -166,14 +203,18 @@ def _set_attention(model: torch.nn.Module, implementation: str) -> None:
             config._attn_implementation = implementation
 
 
-def freeze_for_stage(model: LlavaForConditionalGeneration, stage: str) -> dict[str, int]:
-    """Pretrain trains the projector only; finetune the LLM and the projector. The vision tower is
-    always frozen. Returns trainable parameter counts per part (for the log)."""
+def freeze_for_stage(
+    model: LlavaForConditionalGeneration, stage: str, *, lora: bool = False
+) -> dict[str, int]:
+    """Pretrain trains the projector only; finetune the LLM and the projector, or with `lora` the
+    projector only (the adapters added afterwards train too). The vision tower is always frozen.
+    Returns trainable parameter counts per part (for the log)."""
+    llm_trains = stage == "finetune" and not lora
     parts = {
         "vision_tower": (model.model.vision_tower, False),
         "projector": (model.model.multi_modal_projector, True),
-        "language_model": (model.model.language_model, stage == "finetune"),
-        "lm_head": (model.lm_head, stage == "finetune"),
+        "language_model": (model.model.language_model, llm_trains),
+        "lm_head": (model.lm_head, llm_trains),
     }
     counts = {}
     for name, (module, trainable) in parts.items():
@@ -329,4 +370,6 @@ def export_model(
 
 
 def language_model_config(path: Path) -> Any:
-    return AutoConfig.from_pretrained(path)
+    """The language model's config, from its own checkpoint or from a whole LLaVA model's."""
+    config = AutoConfig.from_pretrained(path)
+    return getattr(config, "text_config", config)

@@ -45,6 +45,46 @@ def _expect(path: Path, what: str, *, directory: bool = False) -> list[str]:
     return [] if ok else [f"missing {path}: expected {what}"]
 
 
+WEIGHT_FILES = ("*.safetensors", "pytorch_model*.bin")
+"""A Hugging Face checkpoint directory holds its weights in one of these."""
+LLAVA_ARCHITECTURE = "LlavaForConditionalGeneration"
+
+
+def llava_model_problems(path: Path, field: str = "spec.finetune.modelPath") -> list[str]:
+    """What keeps `path` from being a whole Hugging Face LLaVA model to train or evaluate (its
+    config, weights, tokenizer and image processor); empty when it is one. Plain file checks."""
+    wanted = (
+        f"a Hugging Face LLaVA model directory ({LLAVA_ARCHITECTURE}, e.g. llava-hf/llava-1.5-7b-hf; {field})"
+    )
+    if not path.is_dir():
+        return [f"missing {path}: expected {wanted}"]
+    if (path / "adapter_config.json").is_file() and not (path / "config.json").is_file():
+        return [f"{path} is a LoRA adapter, not a model: use the merged model directory (model/) next to it"]
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except FileNotFoundError:
+        return [f"missing {path}/config.json: expected {wanted}"]
+    except (OSError, ValueError) as err:
+        return [f"{path}/config.json is not readable JSON ({err}): expected {wanted}"]
+    kind = config.get("architectures") or config.get("model_type") if isinstance(config, dict) else None
+    if not isinstance(config, dict) or (
+        config.get("model_type") != "llava" and LLAVA_ARCHITECTURE not in (config.get("architectures") or [])
+    ):
+        return [
+            f"{path}/config.json describes {kind or 'no model type'}, not {LLAVA_ARCHITECTURE}: expected {wanted}"
+        ]
+    problems = []
+    if not any(any(path.glob(pattern)) for pattern in WEIGHT_FILES):
+        problems.append(f"{path} has no weights ({' or '.join(WEIGHT_FILES)}): expected {wanted}")
+    if not ((path / "tokenizer.json").is_file() or (path / "tokenizer.model").is_file()):
+        problems.append(f"missing {path}/tokenizer.json: a LLaVA model directory brings its tokenizer")
+    if not any((path / name).is_file() for name in ("preprocessor_config.json", "processor_config.json")):
+        problems.append(
+            f"missing {path}/preprocessor_config.json: a LLaVA model directory brings its image processor"
+        )
+    return problems
+
+
 def check_layout(config: PrepareConfig) -> None:
     """Raise LayoutError listing everything missing for the stages this run will execute."""
     root = config.data_dir
@@ -64,7 +104,9 @@ def check_layout(config: PrepareConfig) -> None:
         images = config.resolve(config.finetune_images)
         for sub in FINETUNE_IMAGE_DIRS:
             problems += _expect(images / sub, f"the {sub.split('/')[0]} images of mix665k", directory=True)
-    if training:
+    if config.start_model is not None:  # task finetune: one LLaVA directory instead of the parts
+        problems += llava_model_problems(config.start_model)
+    elif training:
         model = config.resolve(config.language_model)
         problems += _expect(model / "config.json", "a Vicuna/LLaMA Hugging Face checkpoint")
         if not ((model / "tokenizer.model").is_file() or (model / "tokenizer.json").is_file()):
@@ -120,9 +162,9 @@ def _paths(config: PrepareConfig, stage: str) -> tuple[Path, Path]:
 def _tokenizer_meta(config: PrepareConfig, tokenizer: Any) -> dict[str, Any]:
     from .tokenizer import llava_tokens, tokenizer_fingerprint
 
-    ids = llava_tokens(tokenizer, config.resolve(config.vision_tower))
+    ids = llava_tokens(tokenizer, config.vision_dir)
     return {
-        "path": str(config.resolve(config.language_model)),
+        "path": str(config.tokenizer_dir),
         "fingerprint": tokenizer_fingerprint(tokenizer),
         "vocab_size": len(tokenizer),
         "image_token_id": ids.image_token_id,
@@ -206,12 +248,12 @@ def prepare(config: PrepareConfig, *, chunk_records: int = CHUNK_RECORDS) -> dic
     if training:
         from .tokenizer import image_token_count, load_tokenizer, vision_geometry
 
-        num_image_tokens = image_token_count(*vision_geometry(config.resolve(config.vision_tower)))
+        num_image_tokens = image_token_count(*vision_geometry(config.vision_dir))
         meta["num_image_tokens"] = num_image_tokens
         if config.measure_lengths:
-            tokenizer = load_tokenizer(config.resolve(config.language_model), max_length=config.max_length)
+            tokenizer = load_tokenizer(config.tokenizer_dir, max_length=config.max_length)
             meta["tokenizer"] = _tokenizer_meta(config, tokenizer)
-    use_tokenizer(tokenizer, config.resolve(config.language_model), config.check_images)
+    use_tokenizer(tokenizer, config.tokenizer_dir, config.check_images)
 
     datasets: dict[str, tuple[DatasetIndex, dict]] = {}
     report: dict[str, Any] = {"datasets": {}}
@@ -251,7 +293,7 @@ def prepare(config: PrepareConfig, *, chunk_records: int = CHUNK_RECORDS) -> dic
             verdicts.append(verdict)
     if tokenizer is not None and datasets:
         report["tokenizer_reference_check"] = _reference_check(
-            config.resolve(config.language_model), tokenizer, _reference_prompts(config, datasets)
+            config.tokenizer_dir, tokenizer, _reference_prompts(config, datasets)
         )
     if "evaluate" in config.stages:
         report["mmmu"] = survey_mmmu(

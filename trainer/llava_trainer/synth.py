@@ -4,8 +4,10 @@ Everything a run touches exists, just tiny: LLaVA-Pretrain (558k-style JSON + JP
 images/<dir>/<id>.jpg), LLaVA-Finetune (mix665k-style JSON with all five image sources, text-only
 and multi-turn samples), MMMU parquet (real column schema, several subjects and disciplines,
 validation and dev, multi-image and open questions) and random-init checkpoints: a Vicuna-style
-Llama with a SentencePiece tokenizer trained here on the synthetic text, and a CLIP vision tower
-at 56 px (16 image tokens) so CPU tests stay fast. Deterministic per --seed; runs in seconds.
+Llama with a SentencePiece tokenizer trained here on the synthetic text, a CLIP vision tower at
+56 px (16 image tokens) so CPU tests stay fast, and a whole LLaVA model made of the two in
+llava-hf's format (what a task finetune starts from, as llava-hf/llava-1.5-7b-hf would).
+Deterministic per --seed; runs in seconds.
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ from .data.templates import VICUNA_SYSTEM
 
 LANGUAGE_MODEL = "LLaVA-Pretrain/checkpoints/vicuna-13b-v1.5"
 VISION_TOWER = "LLaVA-Pretrain/checkpoints/clip-vit-large-patch14-336"
+LLAVA_MODEL = "LLaVA-Finetune/checkpoints/llava-1.5-7b-hf"
+"""Where a released LLaVA-1.5 in Hugging Face format goes for a task finetune (the examples' path)."""
 VISION_IMAGE_SIZE, VISION_PATCH_SIZE = 56, 14
 TOKENIZER_VOCAB = 600
 MMMU_SUBJECTS = ("Accounting", "Economics", "Art", "Math")
@@ -95,6 +99,7 @@ def synthesize(out: Path, *, samples: int = 48, seed: int = 42) -> dict[str, int
     ]
     tokenizer = write_llama_tokenizer(corpus, out / LANGUAGE_MODEL, seed=seed)
     _write_models(out, vocab_size=len(tokenizer), seed=seed)
+    write_llava_model(out, out / LLAVA_MODEL, seed=seed)
     return {"pretrain": len(pretrain), "finetune": len(finetune), "mmmu": len(questions)}
 
 
@@ -424,3 +429,34 @@ def _write_models(out: Path, *, vocab_size: int, seed: int) -> None:
         resample=3,
         do_convert_rgb=True,
     ).save_pretrained(str(out / VISION_TOWER))
+
+
+def write_llava_model(data_dir: Path, out: Path, *, seed: int = 42) -> Path:
+    """A whole LLaVA-1.5 in llava-hf's format (LlavaForConditionalGeneration weights, the tokenizer
+    with <image> and <pad>, the CLIP image processor) assembled from `data_dir`'s synthetic Vicuna
+    and CLIP with a random projector: a stand-in for a released checkpoint."""
+    import torch
+    from transformers import CLIPImageProcessor
+
+    from . import model as llava_model
+    from .tokenizer import llava_tokens, load_tokenizer
+
+    tokenizer = load_tokenizer(data_dir / LANGUAGE_MODEL)
+    tokens = llava_tokens(tokenizer, data_dir / VISION_TOWER)
+    torch.manual_seed(seed + 1)
+    model = llava_model.build_llava(
+        language_model=data_dir / LANGUAGE_MODEL,
+        vision_tower=data_dir / VISION_TOWER,
+        vocab_size=len(tokenizer),
+        image_token_id=tokens.image_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        precision="fp32",
+        device=torch.device("cpu"),
+    )
+    for part in (model.config.text_config, model.config.vision_config):
+        part._name_or_path = ""  # no trace of where this data_dir was written: same bytes per seed
+    image_processor = CLIPImageProcessor.from_pretrained(data_dir / VISION_TOWER)
+    processor = llava_model.build_processor(tokenizer, image_processor, model.config)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    llava_model.export_model(model, model.state_dict(), processor, out)
+    return out

@@ -14,18 +14,18 @@ import math
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from . import checkpoint
+from . import checkpoint, lora
 from . import model as llava_model
 from .checkpoint import TrainState
 from .config import EXPORT_DIR, PROJECTOR_FILE, TrainConfig, config_to_args
-from .deepspeed_config import BatchLayout, BatchSizeError, build_deepspeed_config
+from .deepspeed_config import BatchLayout, BatchSizeError, build_deepspeed_config, parameter_groups
 from .distributed import (
     World,
     barrier,
@@ -140,7 +140,9 @@ class Trainer:
         except BatchSizeError as err:
             raise SystemExit(f"llava-trainer {config.stage}: {err}") from None
         layout: BatchLayout = loader.layout
-        llm_config = llava_model.language_model_config(config.resolve(config.language_model))
+        llm_config = llava_model.language_model_config(
+            config.start_model or config.resolve(config.language_model)
+        )
         ds_config = build_deepspeed_config(config, layout, precision, llm_config.hidden_size)
         model, shape, trainable, attention = build_model(config, text, world, precision, ds_config)
         schedule = Schedule.plan(config, len(loader), layout)
@@ -168,6 +170,9 @@ class Trainer:
             attention=attention,
             trainable_parameters=trainable,
             llm_parameters=shape.llm_params,
+            start_model=str(config.start_model) if config.start_model else None,
+            lora=config.lora_params.model_dump() if config.lora_params else None,
+            learning_rates=list(engine.lr_scheduler.base_lrs),  # each optimizer group's peak, adapters first
             steps_per_epoch=schedule.steps_per_epoch,
             total_steps=schedule.total_steps,
             warmup_steps=schedule.warmup_steps,
@@ -254,14 +259,21 @@ class Trainer:
 
 def load_text_side(config: TrainConfig) -> TextSide:
     """Tokenizer extended with <image> and <pad> (as HF's llava-1.5), the CLIP image processor, and
-    how many tokens each image becomes (llava_trainer.tokenizer)."""
+    how many tokens each image becomes (llava_trainer.tokenizer): from the language model and the
+    vision tower, or from the LLaVA model a task finetune starts from (checked whole first)."""
     from transformers import CLIPImageProcessor
 
+    from .prepare import llava_model_problems
     from .tokenizer import llava_tokens, load_tokenizer
 
-    tokenizer = load_tokenizer(config.resolve(config.language_model), max_length=config.max_length)
-    tokens = llava_tokens(tokenizer, config.resolve(config.vision_tower))
-    image_processor = CLIPImageProcessor.from_pretrained(config.resolve(config.vision_tower))
+    if config.start_model is not None and (
+        problems := llava_model_problems(config.start_model, "--model-path")
+    ):
+        raise SystemExit(f"llava-trainer {config.stage}: " + "\n  ".join(problems))
+
+    tokenizer = load_tokenizer(config.tokenizer_dir, max_length=config.max_length)
+    tokens = llava_tokens(tokenizer, config.vision_dir)
+    image_processor = CLIPImageProcessor.from_pretrained(config.vision_dir)
     return TextSide(tokenizer, image_processor, tokens.image_token_id, tokens.num_image_tokens)
 
 
@@ -284,31 +296,45 @@ def build_loader(config: TrainConfig, text: TextSide, world: World) -> Any:
 def build_model(
     config: TrainConfig, text: TextSide, world: World, precision: str, ds_config: dict[str, Any]
 ) -> tuple[torch.nn.Module, LlavaShape, dict[str, int], str]:
-    """The LLaVA model assembled for this stage (finetune: with pretrain's projector), frozen as
-    the stage says; its FLOP shape, trainable parameter counts and attention implementation."""
+    """The LLaVA model for this stage: assembled (finetune: with pretrain's projector) or, for a
+    task finetune, loaded whole; frozen as the stage says, with LoRA adapters when asked; its FLOP
+    shape, trainable parameter counts and attention implementation."""
     attention = llava_model.attention_implementation(world.device_type, precision)
-    model = llava_model.build_llava(
-        language_model=config.resolve(config.language_model),
-        vision_tower=config.resolve(config.vision_tower),
-        vocab_size=len(text.tokenizer),
-        image_token_id=text.image_token_id,
-        pad_token_id=text.tokenizer.pad_token_id,
-        precision=precision,
-        device=world.device,
-        zero3_config=ds_config if config.zero_stage == 3 else None,
-        attn_implementation=attention,
-    )
+    common = {
+        "vocab_size": len(text.tokenizer),
+        "image_token_id": text.image_token_id,
+        "pad_token_id": text.tokenizer.pad_token_id,
+        "precision": precision,
+        "device": world.device,
+        "zero3_config": ds_config if config.zero_stage == 3 else None,
+        "attn_implementation": attention,
+    }
+    if config.start_model is not None:
+        model = llava_model.load_llava(config.start_model, **common)
+    else:
+        model = llava_model.build_llava(
+            language_model=config.resolve(config.language_model),
+            vision_tower=config.resolve(config.vision_tower),
+            **common,
+        )
     shape = LlavaShape.from_config(model.config)
     if shape.image_tokens != text.num_image_tokens:
         raise SystemExit(
             f"llava-trainer: the data pipeline expands <image> into {text.num_image_tokens} tokens but the "
-            f"vision tower {config.vision_tower} yields {shape.image_tokens} per image"
+            f"vision tower {config.vision_dir} yields {shape.image_tokens} per image"
         )
-    if config.stage == "finetune":
+    if config.stage == "finetune" and config.start_model is None:
         llava_model.load_projector(model, config.projector_path)
-    trainable = llava_model.freeze_for_stage(model, config.stage)
+    lora_params = config.lora_params
+    trainable = llava_model.freeze_for_stage(model, config.stage, lora=lora_params is not None)
     if config.gradient_checkpointing:
         llava_model.enable_gradient_checkpointing(model)
+    if lora_params is not None:
+        try:
+            model, trainable["lora_adapters"] = lora.apply_lora(model, lora_params)
+        except ValueError as err:
+            raise SystemExit(f"llava-trainer {config.stage}: {err}") from None
+        shape = replace(shape, adapter_params=trainable["lora_adapters"])
     return model, shape, trainable, attention
 
 
@@ -320,7 +346,13 @@ def initialize_engine(
 
     engine, _, _, _ = deepspeed.initialize(
         model=model,
-        model_parameters=_parameter_groups(model, config.weight_decay),
+        model_parameters=parameter_groups(
+            model.named_parameters(),
+            learning_rate=config.learning_rate,
+            weight_decay=config.weight_decay,
+            adapter_learning_rate=config.lora_params.learning_rate if config.lora_params else None,
+            is_adapter=lora.is_adapter,
+        ),
         config=ds_config,
         lr_scheduler=partial(_lr_schedule, config.lr_scheduler, schedule.warmup_steps, schedule.total_steps),
     )
@@ -353,7 +385,9 @@ def forward_loss(engine: Any, batch: dict[str, Any], world: World, text: TextSid
 
 def export(engine: Any, config: TrainConfig, text: TextSide, world: World) -> tuple[Path, Path | None]:
     """The HF model directory (and, for pretrain, mm_projector.bin). Under ZeRO-3 the 16-bit
-    weights are gathered layer by layer to rank 0 first (a collective)."""
+    weights are gathered layer by layer to rank 0 first (a collective). A LoRA finetune exports
+    the model with its adapters merged, and also the adapters alone (peft's format, `adapter/`)
+    and the trained projector (mm_projector.bin), as LLaVA's LoRA script keeps them."""
     if config.zero_stage == 3:
         state_dict = engine._zero3_consolidated_16bit_state_dict()
     else:
@@ -361,25 +395,19 @@ def export(engine: Any, config: TrainConfig, text: TextSide, world: World) -> tu
     out = config.stage_output
     export_dir, projector = out / EXPORT_DIR, None
     if world.is_main:
+        model = engine.module
+        if config.lora_params is not None:  # the last use of the weights: merge into them
+            model = lora.merged_for_export(model, state_dict, out / lora.ADAPTER_DIR)
+            state_dict = model.state_dict()
         processor = llava_model.build_processor(
-            text.tokenizer, text.image_processor, engine.module.config, config.image_aspect_ratio
+            text.tokenizer, text.image_processor, model.config, config.image_aspect_ratio
         )
-        llava_model.export_model(engine.module, state_dict, processor, export_dir)
-        if config.stage == "pretrain":
+        llava_model.export_model(model, state_dict, processor, export_dir)
+        if config.stage == "pretrain" or config.lora_params is not None:
             projector = out / PROJECTOR_FILE
             llava_model.save_projector(state_dict, projector)
     barrier(world)
-    return export_dir, projector if config.stage == "pretrain" else None
-
-
-def _parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Trainable parameters; no weight decay on biases and norm weights (as HF Trainer)."""
-    decay, no_decay = [], []
-    for name, param in model.named_parameters():
-        if param.requires_grad:
-            (no_decay if param.ndim < 2 or name.endswith(".bias") else decay).append(param)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return [g for g in groups if g["params"]]
+    return export_dir, projector
 
 
 def _lr_schedule(kind: str, warmup_steps: int, total_steps: int, optimizer: torch.optim.Optimizer) -> Any:

@@ -12,11 +12,18 @@ import re
 from enum import StrEnum
 from typing import Annotated, Any, Literal
 
-from pydantic import ConfigDict, Field, field_validator, model_validator
+from pydantic import ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from .base import ApiModel
 from .profiles import PROFILES, AcceleratorProfile, AcceleratorProfileName
-from .stage_params import EvaluateParams, FinetuneParams, PrepareParams, PretrainParams, TrainingParams
+from .stage_params import (
+    ONE_STARTING_POINT,
+    EvaluateParams,
+    FinetuneParams,
+    PrepareParams,
+    PretrainParams,
+    TrainingParams,
+)
 
 
 class Stage(StrEnum):
@@ -243,13 +250,28 @@ class PretrainStage(PretrainParams, TrainingStage):
     """Feature alignment: only the projector trains (Vicuna and CLIP frozen), plain template."""
 
 
+_ONE_STARTING_POINT_RULE = {
+    "rule": "!has(self.modelPath) || !has(self.pretrainedProjector)",
+    "message": ONE_STARTING_POINT,
+    "fieldPath": ".modelPath",
+}
+
+
 class FinetuneStage(FinetuneParams, TrainingStage):
     """Visual instruction tuning: the LLM and projector train (CLIP frozen), vicuna_v1 template."""
 
+    model_config = ConfigDict(
+        json_schema_extra={"x-kubernetes-validations": [_BATCH_RULE, _ONE_STARTING_POINT_RULE]}
+    )
+
     pretrained_projector: RelativePath | None = None
     """mm_projector.bin to start from; default: the pretrain stage's output."""
+    model_path: RelativePath | None = None
+    """Task finetune: a Hugging Face LLaVA model directory (LlavaForConditionalGeneration, e.g.
+    llava-hf/llava-1.5-7b-hf) to start from, tokenizer and image processor included, instead of
+    paths.languageModel + paths.visionTower + the pretrained projector."""
 
-    _check_projector = field_validator("pretrained_projector")(
+    _check_paths = field_validator("pretrained_projector", "model_path")(
         lambda v: None if v is None else check_relative_path(v)
     )
 
@@ -355,13 +377,22 @@ def _stage_order_rule() -> dict[str, str]:
 
 
 _STAGE_ORDER_RULE = _stage_order_rule()
+_TASK_FINETUNE_RULE = {
+    "rule": "!has(self.finetune) || !has(self.finetune.modelPath) "
+    "|| !('pretrain' in self.stages && 'finetune' in self.stages)",
+    "message": "finetune.modelPath starts finetune from a whole LLaVA model, so the pretrain stage's "
+    "projector would go unused: remove pretrain from stages",
+    "fieldPath": ".finetune.modelPath",
+}
 
 
 class LlavaRunSpec(ApiModel):
     """One LLaVA-1.5 recipe run: the chosen stages, each as a PyTorchJob on a GPU node pool."""
 
     model_config = ConfigDict(
-        json_schema_extra={"x-kubernetes-validations": [_STAGE_ORDER_RULE, *_TRAINJOB_RULES]}
+        json_schema_extra={
+            "x-kubernetes-validations": [_STAGE_ORDER_RULE, _TASK_FINETUNE_RULE, *_TRAINJOB_RULES]
+        }
     )
 
     stages: list[Stage] = Field(
@@ -407,6 +438,14 @@ class LlavaRunSpec(ApiModel):
                 f"got {[s.value for s in stages]}"
             )
         return stages
+
+    @field_validator("finetune")
+    @classmethod
+    def _task_finetune_without_pretrain(cls, finetune: FinetuneStage, info: ValidationInfo) -> FinetuneStage:
+        stages = info.data.get("stages") or []
+        if finetune.model_path is not None and Stage.PRETRAIN in stages and Stage.FINETUNE in stages:
+            raise ValueError(_TASK_FINETUNE_RULE["message"])
+        return finetune
 
     @model_validator(mode="after")
     def _trainjob_refusals(self) -> LlavaRunSpec:

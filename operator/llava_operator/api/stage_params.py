@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from .base import ApiModel
 from .mmmu import SUBJECTS
@@ -25,6 +25,11 @@ MAX_SEED = 2**32 - 1
 #: Optimizer-step counts (maxSteps, saveSteps, loggingSteps): one step a second for three years.
 MAX_STEPS = 100_000_000
 
+LoraTarget = Literal["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+"""The linear layers of a LLaMA/Vicuna decoder layer (attention, then the SwiGLU MLP)."""
+ONE_STARTING_POINT = (
+    "modelPath (a whole LLaVA model, its projector included) and pretrainedProjector exclude each other"
+)
 BadImages = Literal["error", "skip"]
 """What a training stage does with a missing, corrupt or too large image: stop, or skip and count it."""
 Precision = Literal["bf16", "fp16", "fp32"]
@@ -89,6 +94,27 @@ class PretrainParams(TrainingParams):
     group_by_modality_length: bool = False
 
 
+class LoraParams(ApiModel):
+    """LoRA finetune (LLaVA-1.5's finetune_lora.sh): low-rank adapters on the LLM's linear layers
+    train while the LLM's own weights stay frozen; the projector trains fully at the stage's
+    learningRate. The exported model has the adapters merged in."""
+
+    r: int = Field(128, ge=1, le=4096)
+    """Rank of each adapter."""
+    alpha: int = Field(256, ge=1, le=65536)
+    """An adapter's update is scaled by alpha / r."""
+    dropout: float = Field(0.05, ge=0, lt=1)
+    """Dropout on each adapter's input."""
+    target_modules: list[LoraTarget] = Field(
+        default_factory=list, max_length=7, json_schema_extra={"x-kubernetes-list-type": "set"}
+    )
+    """Linear layers of every LLM decoder layer that get adapters; empty: all of them (the LM head
+    never gets one), as LLaVA's scripts."""
+    learning_rate: float = Field(2e-4, gt=0, le=1)
+    """The adapters' learning rate (finetune_lora.sh's --learning_rate); the projector keeps the
+    stage's learningRate (its --mm_projector_lr, 2e-5)."""
+
+
 class FinetuneParams(TrainingParams):
     """Visual instruction tuning: the LLM and projector train (CLIP frozen), vicuna_v1 template."""
 
@@ -101,6 +127,19 @@ class FinetuneParams(TrainingParams):
     group_by_modality_length: bool = True
     pretrained_projector: str | None = Field(None, min_length=1, max_length=512)
     """mm_projector.bin to start from; default: the pretrain stage's output."""
+    model_path: str | None = Field(None, min_length=1, max_length=512)
+    """Task finetune: a Hugging Face LLaVA model directory (LlavaForConditionalGeneration, e.g.
+    llava-hf/llava-1.5-7b-hf) to start from, tokenizer and image processor included, instead of
+    paths.languageModel + paths.visionTower + the pretrained projector."""
+    lora: LoraParams | None = None
+    """LoRA finetune when set (`{}` takes LLaVA's r 128, alpha 256, dropout 0.05, lr 2e-4 on every
+    linear layer of the LLM); unset: the whole LLM trains."""
+
+    @model_validator(mode="after")
+    def _one_starting_point(self) -> FinetuneParams:
+        if self.model_path is not None and self.pretrained_projector is not None:
+            raise ValueError(ONE_STARTING_POINT)
+        return self
 
 
 class EvaluateParams(ApiModel):

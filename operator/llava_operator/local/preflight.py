@@ -100,9 +100,11 @@ def check_inputs(run: LlavaRun, data_dir: Path) -> list[str]:
         model = layout.resolve(name)
         if (model / "config.json").is_file():  # a missing directory is reported by the layout check
             problems += _checkpoint(model, "a Hugging Face checkpoint (spec.paths)")
-    problems += _tokenizer(layout.resolve(layout.language_model))
-    if Stage.FINETUNE in spec.stages and not (
-        Stage.PRETRAIN in spec.stages and spec.finetune.pretrained_projector is None
+    problems += _tokenizer(layout.tokenizer_dir)  # a task finetune's is its LLaVA model's
+    if (
+        Stage.FINETUNE in spec.stages
+        and spec.finetune.model_path is None  # a task finetune's model has its projector
+        and not (Stage.PRETRAIN in spec.stages and spec.finetune.pretrained_projector is None)
     ):
         finetune = stage_config(spec, Stage.FINETUNE, data_dir_override=str(data_dir))
         assert isinstance(finetune, FinetuneConfig)

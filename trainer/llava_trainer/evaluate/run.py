@@ -95,12 +95,17 @@ def _generate(
 ) -> tuple[Answers | None, int] | None:
     """Answer all questions with the model, sharded over the ranks: (answers on rank 0 / None on the
     others, world size), or None when there is no model to load."""
+    from ..prepare import llava_model_problems
+
     model_dir = config.model_dir
-    if not (model_dir / "config.json").is_file():
+    # A merged LoRA export or a task-finetuned model is a whole LLaVA directory; an adapter is not.
+    found = llava_model_problems(model_dir, field="spec.evaluate.modelPath, --model-path")
+    if found:
+        for problem in found:
+            log.error("%s", problem)
         log.error(
-            "no Hugging Face model at %s (config.json missing): run the finetune stage first, pass "
-            "--model-path, or score an existing responses file with --responses",
-            model_dir,
+            "nothing to evaluate: run the finetune stage first, pass --model-path, or score an existing "
+            "responses file with --responses"
         )
         return None
     import torch.distributed as dist
