@@ -211,6 +211,11 @@ class Cluster:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
+    @property
+    def service_account_admission(self) -> bool:
+        """Whether pods need their ServiceAccount to exist (the controller-manager makes `default`)."""
+        return self._service_account_admission
+
     def start(self, components: Iterable[str] = ()) -> Cluster:
         """Start etcd and kube-apiserver, then *components* (see :data:`OPTIONAL_COMPONENTS`)."""
         with self._lock:

@@ -27,7 +27,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from .controlplane import FULL, TRAINER_STACK, BuildError, Cluster, build
+from .controlplane import FULL, TRAINER_STACK, BuildError, Cluster, build, wait_for
 
 _FIXTURES = {"cluster", "full_cluster", "trainer_cluster", "cluster_namespace", "_cluster_session"}
 _session_cluster: Cluster | None = None
@@ -79,6 +79,17 @@ def cluster_namespace(cluster: Cluster) -> Iterator[str]:
     """A fresh namespace for one test; deleted afterwards (without waiting)."""
     name = f"t-{uuid.uuid4().hex[:8]}"
     cluster.kubectl("create", "namespace", name)
+    if cluster.service_account_admission:
+        # Pods are refused until the controller-manager has made the namespace's default
+        # ServiceAccount, which takes a moment on a loaded machine.
+        wait_for(
+            lambda: (
+                cluster.kubectl("get", "serviceaccount", "default", "-n", name, check=False).returncode == 0
+            ),
+            timeout=60,
+            interval=0.2,
+            what=f"the default ServiceAccount of {name}",
+        )
     try:
         yield name
     finally:
