@@ -2,8 +2,9 @@
 
 `World` holds the run, its PyTorchJobs and the per-run RBAC objects the way the apiserver would
 after each plan is applied (create = 409 when the name exists, JSON merge patches, deletes), and
-plays the training-operator by setting a job's conditions. Tests read as: apply a run, move a
-job, look at what the operator did.
+plays the training-operator by setting a job's conditions, the scheduler and the kubelet by
+setting its pods' status, and the trainer by writing status.progress. Tests read as: apply a run,
+move a job, look at what the operator did.
 """
 
 from __future__ import annotations
@@ -16,6 +17,11 @@ from llava_operator.backends.pytorchjob import PYTORCHJOB
 from llava_operator.plan import Plan, plan
 
 T0 = datetime(2026, 11, 26, 12, 0, 0, tzinfo=UTC)
+PYTORCHJOB_POD_LABEL = "training.kubeflow.org/job-name"
+
+
+def stamp(when: datetime) -> str:
+    return when.strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def merge_patch(target: Any, patch: Any) -> Any:
@@ -48,6 +54,8 @@ class World:
         self.jobs: dict[str, dict[str, Any]] = {}
         self.rbac: dict[tuple[str, str], dict[str, Any]] = {}
         self.events: list[tuple[str, str, str]] = []
+        self.pods: dict[str, list[dict[str, Any]]] = {}
+        """A job's pods, by job name (what listing its pod selector answers)."""
         self.now = T0
         self.creates = 0
 
@@ -61,8 +69,10 @@ class World:
         """In the operator's order (kube.apply): creates, patches, deletes, status, events."""
         for obj in p.create:
             self.creates += 1
-            if obj["kind"] == PYTORCHJOB.kind:
-                self.jobs.setdefault(obj["metadata"]["name"], copy.deepcopy(obj))
+            if obj["kind"] == PYTORCHJOB.kind and obj["metadata"]["name"] not in self.jobs:
+                job = copy.deepcopy(obj)
+                job["metadata"]["creationTimestamp"] = stamp(self.now)
+                self.jobs[obj["metadata"]["name"]] = job
             else:
                 self.rbac.setdefault((obj["kind"], obj["metadata"]["name"]), obj)
         for name, patch in p.patch:
@@ -78,7 +88,7 @@ class World:
     def reconcile(self, pods: Any = None) -> Plan:
         p = self.plan(pods=pods)
         if p.wants_pods and pods is None:
-            p = self.plan(pods={name: [] for name in p.wants_pods})
+            p = self.plan(pods={name: self.pods.get(name, []) for name in p.wants_pods})
         return self.apply(p)
 
     def settle(self) -> None:
@@ -119,7 +129,9 @@ class World:
         self.jobs[name]["status"] = {
             "conditions": [{"type": "Created", "status": "True"}, {"type": "Running", "status": "True"}],
             "replicaStatuses": {"Master": {"active": 1}},
+            "startTime": stamp(self.now),
         }
+        self.pods.pop(name, None)
 
     def pending(self, name: str) -> None:
         """Created, its pods not scheduled (e.g. a taint without a toleration)."""
@@ -130,6 +142,39 @@ class World:
 
     def kueue_suspends(self, name: str, suspend: bool = True) -> None:
         self.jobs[name]["spec"]["runPolicy"]["suspend"] = suspend
+
+    # --- the scheduler and the kubelet -----------------------------------------------------------
+
+    def pod(self, job: str, replica: str = "master", index: int = 0, **status: Any) -> dict[str, Any]:
+        """Set (or add) one pending pod of a job with this status; returns it."""
+        name = f"{job}-{replica}-{index}"
+        pod = {
+            "metadata": {"name": name, "namespace": "ns", "labels": {PYTORCHJOB_POD_LABEL: job}},
+            "spec": {},
+            "status": {"phase": "Pending", **status},
+        }
+        pods = [p for p in self.pods.get(job, []) if p["metadata"]["name"] != name]
+        self.pods[job] = sorted([*pods, pod], key=lambda p: p["metadata"]["name"])
+        return pod
+
+    def unschedulable(self, job: str, message: str, **where: Any) -> dict[str, Any]:
+        """The scheduler found no node: PodScheduled=False, reason Unschedulable, its message."""
+        scheduled = {"type": "PodScheduled", "status": "False", "reason": "Unschedulable", "message": message}
+        return self.pod(job, **where, conditions=[scheduled])
+
+    def container_waits(self, job: str, reason: str, message: str = "", **where: Any) -> dict[str, Any]:
+        """Placed on a node; the kubelet's container status waits with `reason`."""
+        scheduled = {"type": "PodScheduled", "status": "True", "lastTransitionTime": stamp(self.now)}
+        waiting = {"reason": reason, **({"message": message} if message else {})}
+        container = {"name": "pytorch", "image": "img:1", "state": {"waiting": waiting}}
+        return self.pod(job, **where, conditions=[scheduled], containerStatuses=[container])
+
+    # --- the trainer -----------------------------------------------------------------------------
+
+    def progress(self, stage: str, attempt: int = 0, **fields: Any) -> None:
+        """The trainer's status.progress write (a merge patch of its own subtree), stamped now."""
+        report = {"stage": stage, "attempt": attempt, "lastUpdate": stamp(self.now), **fields}
+        self.run["status"] = merge_patch(self.run.get("status") or {}, {"progress": report})
 
     # --- reading ---------------------------------------------------------------------------------
 

@@ -31,6 +31,9 @@ started is replaced when the spec now renders differently."""
 FAILURES_ANNOTATION = "llavarun.io/failures"
 """How many attempts of this stage had failed when this one was created: spec.retries counts
 failures, not attempts replaced because the spec was edited before they started."""
+PREVIOUS_FAILURE_ANNOTATION = "llavarun.io/previous-failure"
+"""On a retry: why the attempt before it failed. The stage's message says it again once this
+attempt no longer waits (while it waits, the message says why first)."""
 RUN_OBJECTS_ANNOTATION = "llavarun.io/run-objects"
 """Set on a child once the run's objects (`Backend.run_objects`) were created after it: until a
 child of the run carries it, every reconcile creates them again."""
@@ -88,7 +91,8 @@ class ClusterBackend(Backend, Protocol):
     plural: str
 
     def pod_selector(self, child_name: str) -> str:
-        """Label selector of the child's pods (for failure messages)."""
+        """Label selector of the child's pods: the plan reads them to say why an attempt failed
+        and why it waits (unschedulable, image, volumes; `waiting.py`)."""
         ...
 
 

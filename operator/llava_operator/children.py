@@ -10,6 +10,7 @@ from typing import Any
 from .api import Stage
 from .backend import (
     FAILURES_ANNOTATION,
+    PREVIOUS_FAILURE_ANNOTATION,
     RUN_OBJECTS_ANNOTATION,
     SPEC_HASH_ANNOTATION,
     Backend,
@@ -32,6 +33,8 @@ class Child:
     applied_suspend: bool | None
     failures: int
     """Failed attempts of the stage before this one."""
+    previous_failure: str | None
+    """Why the attempt before this one failed, as recorded on it (None: not recorded)."""
     spec_hash: str | None
     has_run_objects: bool
 
@@ -60,6 +63,7 @@ def observe(children: Iterable[Mapping[str, Any]], uid: str | None, backend: Bac
                 created=meta.get("creationTimestamp"),
                 applied_suspend=applied_suspend(child),
                 failures=failures,
+                previous_failure=notes.get(PREVIOUS_FAILURE_ANNOTATION),
                 spec_hash=notes.get(SPEC_HASH_ANNOTATION),
                 has_run_objects=notes.get(RUN_OBJECTS_ANNOTATION) == "true",
             )

@@ -24,6 +24,8 @@ REASON_BACKOFF_LIMIT = "BackoffLimitExceeded"
 """The stage failed spec.retries + 1 times."""
 REASON_INVALID_SPEC = "InvalidSpec"
 """The run's spec cannot be read (e.g. a rule only the operator checks)."""
+REASON_QUEUED = "JobSuspendedByQueue"
+"""Queued=True, and the queued stage's reason: its child is suspended without spec.suspend."""
 
 # Event reasons, one per transition.
 STAGE_STARTED = "StageStarted"
@@ -36,6 +38,10 @@ RUN_SUCCEEDED = "RunSucceeded"
 EVENT_SUSPENDED = "Suspended"
 EVENT_RESUMED = "Resumed"
 EVENT_QUEUED = "Queued"
+STAGE_WAITING = "StageWaiting"
+"""Warning, once per cause: the current attempt's pods cannot be scheduled or started."""
+STAGE_DOES_NOT_FIT = "StageDoesNotFit"
+"""Warning: the capacity plan says a training stage does not fit its devices' memory."""
 
 
 @dataclass(frozen=True)
@@ -70,6 +76,10 @@ def condition(
     return cond
 
 
+def queued_message(job: str | None) -> str:
+    return f"job {job} is suspended until its queue (e.g. Kueue) admits it"
+
+
 def conditions(
     current: list[Mapping[str, Any]],
     phase: Phase,
@@ -77,8 +87,10 @@ def conditions(
     job: str | None,
     now: str,
     generation: int | None,
+    waiting: tuple[str, str] | None = None,
 ) -> list[dict[str, Any]]:
-    """Succeeded/Failed/Suspended/Queued for this phase, keeping transition times that did not move."""
+    """Succeeded/Failed/Suspended/Queued for this phase, keeping transition times that did not move.
+    `waiting` (reason, message): why the current stage waits, said by Succeeded=Unknown."""
     prev = {c.get("type", ""): c for c in current}
 
     def was(ctype: str, reason: str) -> bool:
@@ -90,6 +102,8 @@ def conditions(
         succeeded = ("True", "AllStagesSucceeded", "every stage succeeded")
     elif failure:
         succeeded = ("False", failure[0], failure[1])
+    elif waiting:
+        succeeded = ("Unknown", *waiting)
     else:
         succeeded = ("Unknown", phase.value, f"the run is {phase.value.lower()}")
     failed = ("True", *failure) if failure else ("False", "NotFailed", "")
@@ -102,11 +116,7 @@ def conditions(
     else:
         suspended = ("False", "Resumed" if was(SUSPENDED, "Resumed") else "NotSuspended", "")
     if phase is Phase.QUEUED:
-        queued = (
-            "True",
-            "JobSuspendedByQueue",
-            f"job {job} is suspended until its queue (e.g. Kueue) admits it",
-        )
+        queued = ("True", REASON_QUEUED, queued_message(job))
     else:
         queued = ("False", "Admitted" if was(QUEUED, "Admitted") else "NotQueued", "")
     out = [
@@ -168,6 +178,22 @@ def status_patch(status: Mapping[str, Any], desired: Mapping[str, Any]) -> dict[
                     changed[name] = wanted
             if changed:
                 patch["stages"] = changed
+        elif isinstance(value, Mapping) and isinstance(status.get(key), Mapping):
+            if changed := merge_diff(status[key], value):
+                patch[key] = changed
         elif status.get(key) != value:
+            patch[key] = value
+    return patch
+
+
+def merge_diff(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, Any]:
+    """The JSON merge patch turning `old` into `new` (None deletes); {} when they are equal."""
+    patch: dict[str, Any] = {key: None for key in old if key not in new}
+    for key, value in new.items():
+        before = old.get(key)
+        if isinstance(value, Mapping) and isinstance(before, Mapping):
+            if changed := merge_diff(before, value):
+                patch[key] = changed
+        elif before != value:
             patch[key] = value
     return patch

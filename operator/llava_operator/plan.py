@@ -21,7 +21,10 @@ Rules (docs/OPERATOR.md has the user-facing version):
   spec.suspend is "Queued";
 - stages are rendered when they start, so edits apply to stages (and attempts) not yet started;
   a stage removed from spec.stages is cancelled (its active child deleted); a stage inserted
-  before one that has started is skipped.
+  before one that has started is skipped;
+- an attempt whose pods cannot be scheduled or started says why (its pods, read through the
+  backend's selector: `waiting.py`), once per cause as an event; the capacity plan of each spec
+  generation and the run's ETA are recorded (`estimate.py`).
 """
 
 from __future__ import annotations
@@ -34,27 +37,20 @@ from typing import Any
 from pydantic import ValidationError
 
 from .api import LlavaRun, Phase, Stage, StagePhase, StageStatus
-from .api.status import seconds_between, timestamp
-from .backend import FAILURES_ANNOTATION, RUN_OBJECTS_ANNOTATION, SPEC_HASH_ANNOTATION, Backend, annotations
+from .api.status import timestamp
+from .attempts import StageResult, StageWalker, Step
+from .backend import RUN_OBJECTS_ANNOTATION, Backend
 from .children import Child, observe
 from .conditions import (
-    ATTEMPT_REPLACED,
     FAILED,
-    REASON_BACKOFF_LIMIT,
     REASON_INVALID_SPEC,
-    REASON_STAGE_FAILED,
     STAGE_CANCELLED,
-    STAGE_FAILED,
-    STAGE_RETRYING,
-    STAGE_STARTED,
-    STAGE_SUCCEEDED,
     Event,
     conditions,
     run_events,
     status_patch,
 )
-from .jobstate import JobPhase
-from .naming import job_name
+from .estimate import plan_events, run_eta, run_plan
 
 _RUN_PHASE = {
     StagePhase.PENDING: Phase.PENDING,
@@ -66,15 +62,6 @@ _RUN_PHASE = {
     StagePhase.FAILED: Phase.FAILED,
 }
 MARK_RUN_OBJECTS = {"metadata": {"annotations": {RUN_OBJECTS_ANNOTATION: "true"}}}
-
-
-@dataclass(frozen=True)
-class StageResult:
-    """A stage (or its last attempt) that finished in this plan, for the duration metric."""
-
-    stage: str
-    result: str
-    seconds: float
 
 
 @dataclass(frozen=True)
@@ -90,27 +77,8 @@ class Plan:
     events: tuple[Event, ...] = ()
     finished: tuple[StageResult, ...] = ()
     wants_pods: tuple[str, ...] = ()
-    """Failed children whose pods would make a better failure message: list them and plan again."""
+    """Children whose pods would say why they failed or wait: list them and plan again."""
     phase: str = Phase.PENDING.value
-
-
-@dataclass
-class _Step:
-    """The outcome of looking at one stage."""
-
-    phase: StagePhase
-    record: StageStatus
-    create: list[dict[str, Any]] = field(default_factory=list)
-    patch: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
-    delete: list[str] = field(default_factory=list)
-    events: list[Event] = field(default_factory=list)
-    finished: list[StageResult] = field(default_factory=list)
-    wants_pods: list[str] = field(default_factory=list)
-    failure_reason: str | None = None
-
-
-def _seconds_between(start: str | None, end: str | None) -> float:
-    return seconds_between(start, end) or 0.0
 
 
 def _records(status: Mapping[str, Any]) -> dict[str, StageStatus]:
@@ -125,181 +93,6 @@ def _records(status: Mapping[str, Any]) -> dict[str, StageStatus]:
     return out
 
 
-class _Planner:
-    """Walks the stages of one run; a class only to share the run, the clock and the backend."""
-
-    def __init__(self, run: LlavaRun, now: datetime, backend: Backend, pods: Any, marked: bool) -> None:
-        self.run = run
-        self.now = timestamp(now)
-        self.backend = backend
-        self.pods = pods
-        self.marked = marked
-        """A child already records that the run's objects exist: new children inherit the record."""
-
-    def render(self, stage: Stage, attempt: int, failures: int) -> dict[str, Any]:
-        child = self.backend.render(self.run, stage, attempt)
-        notes = child["metadata"].setdefault("annotations", {})
-        notes[FAILURES_ANNOTATION] = str(failures)
-        if self.marked:
-            notes[RUN_OBJECTS_ANNOTATION] = "true"
-        return child
-
-    def start(self, stage: Stage, attempt: int, rec: StageStatus | None, failures: int) -> _Step:
-        """Create attempt `attempt` of a stage that has failed `failures` times."""
-        if self.run.spec.suspend:
-            phase = StagePhase.SUSPENDED
-        else:
-            phase = StagePhase.PENDING if failures == 0 else StagePhase.RETRYING
-        record = StageStatus(
-            phase=phase,
-            job=job_name(self.run.name, stage, attempt),
-            attempts=attempt + 1,
-            start_time=(rec.start_time if rec else None) or self.now,
-            message=rec.message if rec else None,
-        )
-        return _Step(phase=phase, record=record, create=[self.render(stage, attempt, failures)])
-
-    def stage(self, stage: Stage, rec: StageStatus | None, kids: dict[int, Child]) -> _Step:
-        """Advance one stage by one transition at most."""
-        done = [k for k in kids.values() if k.state.phase is JobPhase.SUCCEEDED]
-        if done or (rec and rec.phase is StagePhase.SUCCEEDED):
-            return self.succeeded(stage, rec, max(done, key=lambda k: k.attempt) if done else None)
-        if rec and rec.phase is StagePhase.FAILED:
-            return _Step(phase=StagePhase.FAILED, record=rec, failure_reason=self.exhausted_reason())
-        attempt = max((rec.attempts - 1) if rec else -1, max(kids, default=-1))
-        if attempt < 0:
-            step = self.start(stage, 0, None, 0)
-            step.events.append(Event(STAGE_STARTED, f"stage {stage.value} started as job {step.record.job}"))
-            return step
-        kid = kids.get(attempt)
-        if kid is None:
-            # Created but not observed yet (or deleted behind our back): create again; 409 is fine.
-            earlier = [
-                k.failures + (k.state.phase is JobPhase.FAILED) for k in kids.values() if k.attempt < attempt
-            ]
-            step = self.start(stage, attempt, rec, max(earlier, default=0))
-            if rec:
-                step.record, step.phase = rec, rec.phase
-            return step
-        if kid.state.phase is JobPhase.FAILED:
-            return self.failed(stage, rec, kid)
-        if not kid.state.started and kid.spec_hash is not None:
-            fresh = annotations(self.backend.render(self.run, stage, kid.attempt)).get(SPEC_HASH_ANNOTATION)
-            if fresh != kid.spec_hash:
-                return self.replace(stage, rec, kid)
-        return self.active(rec, kid)
-
-    def succeeded(self, stage: Stage, rec: StageStatus | None, kid: Child | None) -> _Step:
-        if rec and rec.phase is StagePhase.SUCCEEDED:
-            return _Step(phase=StagePhase.SUCCEEDED, record=rec)
-        assert kid is not None
-        start = (rec.start_time if rec else None) or kid.created or self.now
-        end = kid.state.completion_time or self.now
-        record = StageStatus(
-            phase=StagePhase.SUCCEEDED,
-            job=kid.name,
-            attempts=max(rec.attempts if rec else 0, kid.attempt + 1),
-            start_time=start,
-            completion_time=end,
-        )
-        step = _Step(phase=StagePhase.SUCCEEDED, record=record)
-        took = _seconds_between(start, end)
-        step.events.append(
-            Event(STAGE_SUCCEEDED, f"stage {stage.value} succeeded (job {kid.name}, {took:.0f}s)")
-        )
-        step.finished.append(StageResult(stage.value, "succeeded", took))
-        return step
-
-    def exhausted_reason(self) -> str:
-        return REASON_BACKOFF_LIMIT if self.run.spec.retries else REASON_STAGE_FAILED
-
-    def failure(self, kid: Child) -> str:
-        """Why an attempt failed, naming the job, and what to read (the backend knows where)."""
-        state = kid.state
-        detail = (state.message or state.reason or "failed").strip().rstrip(".")
-        look = self.backend.where_to_look(
-            kid.name, state, self.run.namespace, (self.pods or {}).get(kid.name, [])
-        )
-        return (f"job {kid.name} failed: {detail}" + (f"; {look}" if look else ""))[:4096]
-
-    def failed(self, stage: Stage, rec: StageStatus | None, kid: Child) -> _Step:
-        why = self.failure(kid)
-        wants = [kid.name] if self.pods is None else []
-        retries = self.run.spec.retries
-        tries = kid.failures + 1
-        attempt_start = kid.created or self.now
-        attempt_end = kid.state.completion_time or self.now
-        if kid.failures < retries:
-            step = self.start(stage, kid.attempt + 1, rec, tries)
-            step.record = step.record.model_copy(update={"message": why})
-            step.events.append(
-                Event(
-                    STAGE_RETRYING,
-                    f"stage {stage.value} attempt {tries}/{retries + 1} failed, starting attempt "
-                    f"{tries + 1} as job {step.record.job} (resumes from the newest checkpoint): {why}",
-                    "Warning",
-                )
-            )
-            step.wants_pods = wants
-            step.finished.append(
-                StageResult(stage.value, "retried", _seconds_between(attempt_start, attempt_end))
-            )
-            return step
-        record = StageStatus(
-            phase=StagePhase.FAILED,
-            job=kid.name,
-            attempts=kid.attempt + 1,
-            start_time=(rec.start_time if rec else None) or attempt_start,
-            completion_time=attempt_end,
-            message=why,
-        )
-        step = _Step(phase=StagePhase.FAILED, record=record, failure_reason=self.exhausted_reason())
-        step.events.append(
-            Event(STAGE_FAILED, f"stage {stage.value} failed after {tries} attempt(s): {why}", "Warning")
-        )
-        step.wants_pods = wants
-        step.finished.append(
-            StageResult(stage.value, "failed", _seconds_between(record.start_time, attempt_end))
-        )
-        return step
-
-    def replace(self, stage: Stage, rec: StageStatus | None, kid: Child) -> _Step:
-        """The spec changed under an attempt that has not started: a new attempt takes its place."""
-        step = self.start(stage, kid.attempt + 1, rec, kid.failures)
-        step.delete.append(kid.name)
-        step.events.append(
-            Event(
-                ATTEMPT_REPLACED,
-                f"stage {stage.value}: job {kid.name} had not started and the spec changed "
-                f"(generation {self.run.metadata.generation}); replaced by job {step.record.job}",
-            )
-        )
-        return step
-
-    def active(self, rec: StageStatus | None, kid: Child) -> _Step:
-        """A running, pending or suspended attempt; flip its suspension if the user changed theirs."""
-        want = self.run.spec.suspend
-        patch = []
-        suspended = kid.state.suspended
-        if kid.applied_suspend is not None and kid.applied_suspend != want:
-            patch.append((kid.name, self.backend.suspend_patch(want)))
-            suspended = want
-        if suspended:
-            phase = StagePhase.SUSPENDED if want else StagePhase.QUEUED
-        elif kid.state.phase in (JobPhase.RUNNING, JobPhase.RESTARTING):
-            phase = StagePhase.RUNNING
-        else:
-            phase = StagePhase.PENDING if kid.failures == 0 else StagePhase.RETRYING
-        record = StageStatus(
-            phase=phase,
-            job=kid.name,
-            attempts=kid.attempt + 1,
-            start_time=(rec.start_time if rec else None) or kid.created or self.now,
-            message=rec.message if rec else None,
-        )
-        return _Step(phase=phase, record=record, patch=patch)
-
-
 def _invalid(body: Mapping[str, Any], error: ValidationError, now: datetime) -> Plan:
     """A run that cannot be read: report it, touch nothing; fixed by editing the spec."""
     status = body.get("status") or {}
@@ -311,7 +104,13 @@ def _invalid(body: Mapping[str, Any], error: ValidationError, now: datetime) -> 
     conds = conditions(
         status.get("conditions") or [], Phase.FAILED, failure, None, timestamp(now), generation
     )
-    desired = {"observedGeneration": generation, "phase": Phase.FAILED.value, "conditions": conds}
+    desired = {
+        "observedGeneration": generation,
+        "phase": Phase.FAILED.value,
+        "reason": REASON_INVALID_SPEC,
+        "eta": None,
+        "conditions": conds,
+    }
     events = []
     old_failed = {c.get("type"): c for c in status.get("conditions") or []}.get(FAILED) or {}
     if old_failed.get("reason") != REASON_INVALID_SPEC:
@@ -344,13 +143,13 @@ def plan(
     for child in observed:
         kids.setdefault(child.stage, {})[child.attempt] = child
     marked = any(k.has_run_objects for k in observed)
-    planner = _Planner(run, now, backend, pods, marked)
+    planner = StageWalker(run, now, backend, pods, marked, status.get("progress"))
 
     stages = list(run.spec.stages)
     started = [i for i, s in enumerate(stages) if s.value in records or kids.get(s)]
     # A stage inserted before one that already started is skipped: stages never run out of order.
     effective = [s for i, s in enumerate(stages) if not started or i >= started[-1] or i in started]
-    steps: dict[Stage, _Step] = {}
+    steps: dict[Stage, Step] = {}
     current: Stage | None = None
     for stage in effective:
         step = planner.stage(stage, records.get(stage.value), kids.get(stage, {}))
@@ -387,19 +186,35 @@ def plan(
         create = [*run_objects.before, *create, *run_objects.after]
         patch.append((step.record.job, MARK_RUN_OBJECTS))
     failure = (step.failure_reason, step.record.message or "") if step.phase is StagePhase.FAILED else None
+    waiting = None
+    if step.record.reason and step.phase is not StagePhase.QUEUED:
+        waiting = (step.record.reason, f"stage {last.value} waits: {step.record.message}")
     generation = run.metadata.generation
     conds = conditions(
-        status.get("conditions") or [], phase, failure, step.record.job, planner.now, generation
+        status.get("conditions") or [], phase, failure, step.record.job, planner.now, generation, waiting
     )
     stage_records: dict[str, StageStatus | None] = {s.value: st.record for s, st in steps.items()}
     stage_records.update({s.value: None for s in removed if s.value in (status.get("stages") or {})})
+    capacity = status.get("plan")
+    if phase not in (Phase.SUCCEEDED, Phase.FAILED) and (capacity or {}).get("generation", -1) != generation:
+        old, capacity = capacity, run_plan(run)
+        events += plan_events(old, capacity)
+    eta = None
+    if step.phase is StagePhase.RUNNING and not step.record.reason:
+        later = effective[effective.index(last) + 1 :]
+        progress = status.get("progress") or {}
+        attempt = step.record.attempts - 1
+        eta = run_eta(capacity or {}, progress, last, attempt, step.started_at, later)
     desired = {
         "observedGeneration": generation,
         "phase": phase.value,
+        "reason": failure[0] if failure else step.record.reason,
         "stage": last.value,
         "currentJob": step.record.job,
         "stages": stage_records,
         "conditions": conds,
+        "plan": capacity,
+        "eta": eta,
     }
     for st in steps.values():
         events += st.events

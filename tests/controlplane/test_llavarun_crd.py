@@ -76,9 +76,28 @@ def full_status() -> dict:
         {
             "observedGeneration": 1,
             "phase": "Running",
+            "reason": "Unschedulable",
+            "eta": "2026-11-26T11:07:00Z",
             "stage": "evaluate",
             "currentJob": "run-evaluate",
-            "stages": {"pretrain": {"phase": "Succeeded", "job": "run-pretrain", "attempts": 2}},
+            "stages": {
+                "pretrain": {"phase": "Succeeded", "job": "run-pretrain", "attempts": 2},
+                "evaluate": {"phase": "Running", "job": "run-evaluate", "attempts": 1,
+                             "reason": "Unschedulable", "message": "pod run-evaluate-worker-0 cannot be scheduled"},
+            },
+            "plan": {
+                "generation": 1, "model": "vicuna-13b-v1.5 + clip-vit-large-patch14-336", "device": "H100 SXM 80GB",
+                "deviceSource": "the nvidia profile's default device", "fits": False, "seconds": 23364,
+                "gpuHours": 51.9,
+                "stages": {
+                    "pretrain": {"seconds": 6444, "gpuHours": 14.3, "devices": 8, "fits": True, "memoryGib": 43.84,
+                                 "deviceMemoryGib": 79.1, "mfu": 35.0},
+                    "finetune": {"seconds": 16920, "gpuHours": 37.6, "devices": 8, "fits": False,
+                                 "memoryGib": 328.51, "deviceMemoryGib": 79.1, "mfu": 35.0,
+                                 "fix": "spec.finetune.gradientCheckpointing: true (55.8 GiB per device on 8 devices)"},
+                },
+                "unavailable": "not used with stages, set here to prove the field is kept",
+            },
             "conditions": [
                 {
                     "type": "Succeeded",
@@ -116,11 +135,14 @@ def test_every_status_field_survives_the_apiserver(crd: Cluster, cluster_namespa
     )
 
     table = crd.kubectl("get", "llavaruns", "-n", cluster_namespace).stdout.splitlines()
-    assert table[0].split() == ["NAME", "STAGE", "PROGRESS", "LOSS", "MMMU", "SUCCEEDED", "AGE"]
+    assert table[0].split() == ["NAME", "STAGE", "PHASE", "PROGRESS", "ETA", "REASON", "AGE"]
     row = next(line.split() for line in table if line.startswith("status-run"))
-    assert row[1:6] == ["evaluate", "25", "1.25", "36.2", "Unknown"]
-    wide = crd.kubectl("get", "lrun", "-n", cluster_namespace, "-o", "wide").stdout.splitlines()[0].split()
-    assert {"PHASE", "JOB", "MFU%"} <= set(wide)
+    assert row[1:6] == ["evaluate", "Running", "25", "2026-11-26T11:07:00Z", "Unschedulable"]
+    wide = crd.kubectl("get", "lrun", "-n", cluster_namespace, "-o", "wide").stdout.splitlines()
+    assert wide[0].split()[7:] == ["LOSS", "MMMU", "JOB", "SAMPLES/S", "MFU%"]
+    assert next(line.split() for line in wide if line.startswith("status-run"))[7:] == [
+        "1.25", "36.2", "run-evaluate", "3.5", "41.5",
+    ]  # fmt: skip
     assert "status-run" in crd.kubectl("get", "llava", "-n", cluster_namespace).stdout  # category
 
 

@@ -41,8 +41,17 @@ def test_crd_names_and_columns():
     assert names["shortNames"] == ["lrun"] and names["categories"] == ["llava"]
     version = crd["spec"]["versions"][0]
     assert version["name"] == "v1alpha1" and version["subresources"] == {"status": {}}
-    default_columns = [c["name"] for c in version["additionalPrinterColumns"] if not c.get("priority")]
-    assert default_columns == ["Stage", "Progress", "Loss", "MMMU", "Succeeded", "Age"]
+    columns = {c["name"]: c for c in version["additionalPrinterColumns"]}
+    default_columns = [name for name, c in columns.items() if not c.get("priority")]
+    # The phase, the ETA and why it waits or failed, as `kubectl get pods` shows STATUS.
+    assert default_columns == ["Stage", "Phase", "Progress", "ETA", "Reason", "Age"]
+    assert [columns[n]["jsonPath"] for n in ("Phase", "ETA", "Reason")] == [
+        ".status.phase",
+        ".status.eta",
+        ".status.reason",
+    ]
+    assert columns["ETA"]["type"] == "string", "a date column prints a time in the future as <invalid>"
+    assert {"Loss", "MMMU", "Job", "MFU%"} <= {n for n, c in columns.items() if c.get("priority") == 1}
 
 
 def test_recipe_defaults_are_in_the_schema():
@@ -57,7 +66,11 @@ def test_recipe_defaults_are_in_the_schema():
     # Nested objects default to their fields' defaults written out (the apiserver checks CEL
     # rules against a default as written).
     assert spec["properties"]["pretrain"]["default"]["globalBatchSize"] == 256
-    assert spec["properties"]["pretrain"]["default"]["resources"] == {"nodes": 1, "gpusPerNode": 8, "shmSize": "32Gi"}
+    assert spec["properties"]["pretrain"]["default"]["resources"] == {
+        "nodes": 1,
+        "gpusPerNode": 8,
+        "shmSize": "32Gi",
+    }
     assert spec["properties"]["pretrain"]["properties"]["resources"]["default"]["gpusPerNode"] == 8
 
 
@@ -66,13 +79,22 @@ def test_every_status_writer_field_is_declared():
     props = status["properties"]
     assert {
         "phase",
+        "reason",
         "stage",
         "stages",
         "conditions",
         "observedGeneration",
+        "plan",
+        "eta",
         "progress",
         "results",
     } <= props.keys()
+    assert {"reason", "message"} <= props["stages"]["properties"]["prepare"]["properties"].keys()
+    plan = props["plan"]["properties"]
+    assert {"generation", "device", "fits", "seconds", "gpuHours", "unavailable"} <= plan.keys()
+    assert {"seconds", "gpuHours", "fits", "memoryGib", "fix"} <= (
+        plan["stages"]["properties"]["finetune"]["properties"].keys()
+    )
     progress = props["progress"]["properties"]
     assert {"step", "totalSteps", "loss", "samplesPerSecond", "tokensPerSecond", "mfu", "mfuFlagperf"} <= (
         progress.keys()

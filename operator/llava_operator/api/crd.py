@@ -38,30 +38,40 @@ _KEEP = {
 
 PRINTER_COLUMNS: list[dict[str, Any]] = [
     {"name": "Stage", "type": "string", "jsonPath": ".status.stage", "description": "Current stage"},
+    {"name": "Phase", "type": "string", "jsonPath": ".status.phase", "description": "Run phase"},
     {"name": "Progress", "type": "integer", "jsonPath": ".status.progress.percent", "description": "Percent"},
-    {"name": "Loss", "type": "number", "jsonPath": ".status.progress.loss", "description": "Latest loss"},
+    {
+        # A time, not "in 3h": a printer column cannot compute, and a date column prints a time in
+        # the future as <invalid>.
+        "name": "ETA",
+        "type": "string",
+        "jsonPath": ".status.eta",
+        "description": "When the run is expected to end (UTC)",
+    },
+    {
+        "name": "Reason",
+        "type": "string",
+        "jsonPath": ".status.reason",
+        "description": "Why the current stage waits, or why the run failed",
+    },
+    {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+    {
+        "name": "Loss",
+        "type": "number",
+        "jsonPath": ".status.progress.loss",
+        "description": "Latest loss",
+        "priority": 1,
+    },
     {
         "name": "MMMU",
         "type": "number",
         "jsonPath": ".status.results.evaluate.overall",
         "description": "MMMU accuracy (percent)",
+        "priority": 1,
     },
-    {
-        "name": "Succeeded",
-        "type": "string",
-        "jsonPath": '.status.conditions[?(@.type=="Succeeded")].status',
-    },
-    {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
-    {"name": "Phase", "type": "string", "jsonPath": ".status.phase", "priority": 1},
     {"name": "Job", "type": "string", "jsonPath": ".status.currentJob", "priority": 1},
     {"name": "Samples/s", "type": "number", "jsonPath": ".status.progress.samplesPerSecond", "priority": 1},
     {"name": "MFU%", "type": "number", "jsonPath": ".status.progress.mfu", "priority": 1},
-    {
-        "name": "Reason",
-        "type": "string",
-        "jsonPath": '.status.conditions[?(@.type=="Failed")].reason',
-        "priority": 1,
-    },
 ]
 
 NAME_RULES = [

@@ -1,6 +1,6 @@
 """LlavaRun status. Two writers own disjoint subtrees, each writing JSON merge patches on its own:
 
-- the operator: phase, stage, currentJob, stages, conditions, observedGeneration;
+- the operator: phase, reason, stage, currentJob, stages, conditions, observedGeneration, plan, eta;
 - the trainer (rank 0): progress and results.
 
 Every field is declared so the apiserver's structural pruning never drops a write silently.
@@ -26,13 +26,22 @@ def timestamp(when: datetime | None = None) -> str:
     return (when or datetime.now(UTC)).astimezone(UTC).strftime(TIME_FORMAT)
 
 
-def seconds_between(start: str | None, end: str | None) -> float | None:
-    """Seconds from one status time to another; None when either is missing or unreadable."""
+def parse_time(value: str | None) -> datetime | None:
+    """A status time (or any RFC 3339 time Kubernetes writes) as an aware datetime; None when
+    missing or unreadable."""
     try:
-        parsed = [datetime.fromisoformat(t.replace("Z", "+00:00")) for t in (start, end)]  # type: ignore[union-attr]
+        parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))  # type: ignore[union-attr]
     except (AttributeError, TypeError, ValueError):
         return None
-    return max(0.0, (parsed[1] - parsed[0]).total_seconds())
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+
+
+def seconds_between(start: str | None, end: str | None) -> float | None:
+    """Seconds from one status time to another; None when either is missing or unreadable."""
+    begin, finish = parse_time(start), parse_time(end)
+    if begin is None or finish is None:
+        return None
+    return max(0.0, (finish - begin).total_seconds())
 
 
 class Phase(StrEnum):
@@ -74,8 +83,13 @@ class StageStatus(ApiModel):
     attempts: int = Field(0, ge=0)
     start_time: str | None = None
     completion_time: str | None = None
+    reason: str | None = None
+    """Why the newest attempt waits, CamelCase: Unschedulable, SchedulingGated, ImagePullBackOff,
+    CreateContainerConfigError, ContainerCreating (for minutes: volumes or image), JobSuspendedByQueue;
+    absent when it does not wait."""
     message: str | None = None
-    """Why the newest attempt ended, naming the failed job and pod."""
+    """Why the newest attempt waits (quoting the scheduler or the kubelet), then why the previous
+    attempt failed (naming the failed job and pod), or why the stage failed."""
 
 
 class StagesStatus(ApiModel):
@@ -154,9 +168,63 @@ class Results(ApiModel):
     evaluate: EvaluateResults | None = None
 
 
+class StagePlan(ApiModel):
+    """One training stage's capacity plan: `llavarun plan`'s numbers for it."""
+
+    seconds: int = Field(ge=0)
+    """Estimated wall time at `mfu`."""
+    gpu_hours: float = Field(ge=0)
+    devices: int = Field(ge=1)
+    fits: bool
+    """The estimated peak memory per device fits the device's memory."""
+    memory_gib: float
+    """Estimated peak memory per device (weights, gradients, optimizer, activations, overhead)."""
+    device_memory_gib: float
+    mfu: float
+    """Model FLOPs utilisation assumed, in percent."""
+    fix: str | None = None
+    """When it does not fit: the cheapest single change that does (e.g. spec.finetune.microBatchSize: 8)."""
+
+
+class PlanStages(ApiModel):
+    pretrain: StagePlan | None = None
+    finetune: StagePlan | None = None
+
+
+class RunPlan(ApiModel):
+    """The capacity plan of the run's training stages, made by the operator from the spec when the
+    run starts and again after each spec change: the recipe's model sizes (by the language model's
+    name) and typical token lengths, the device from the placement's node labels or the profile;
+    `llavarun plan --data-dir` reads the checkpoints and prepare's index instead."""
+
+    generation: int | None = None
+    """The metadata.generation planned."""
+    model: str | None = None
+    device: str | None = None
+    device_source: str | None = None
+    """Why this device: a node label of the placement, or the profile's default."""
+    fits: bool | None = None
+    """Every training stage fits its devices' memory."""
+    seconds: int | None = Field(None, ge=0)
+    """Estimated wall time of all training stages, one after the other."""
+    gpu_hours: float | None = Field(None, ge=0)
+    stages: PlanStages | None = None
+    unavailable: str | None = None
+    """Why there is no plan (e.g. a language model without built-in sizes); the run is not held up."""
+
+
 class LlavaRunStatus(ApiModel):
     observed_generation: int | None = None
     phase: Phase | None = None
+    reason: str | None = None
+    """Why the run is in its phase, CamelCase, when that needs saying: why its current stage waits
+    (its `stages.<stage>.reason`) or why the run failed (the Failed condition's reason)."""
+    eta: str | None = None
+    """While a stage runs: when the run is expected to end (RFC 3339, to the minute). The running
+    stage ends as its measured throughput says once the trainer reports an ETA
+    (`progress.etaSeconds`), else as `plan` says counted from its attempt's start; later training
+    stages take `plan`'s time. Absent while the run waits, when a later training stage has no plan,
+    and while prepare runs (not planned, no ETA reported); evaluate counts once it runs and reports."""
     stage: str | None = None
     """The stage running now, or the last one when the run has ended."""
     current_job: str | None = None
@@ -168,5 +236,6 @@ class LlavaRunStatus(ApiModel):
         max_length=16,
         json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]},
     )
+    plan: RunPlan | None = None
     progress: Progress | None = None
     results: Results | None = None

@@ -13,6 +13,7 @@ from pathlib import Path
 from rich.console import Console
 
 from .. import yamlio
+from ..estimate import plan_lines, run_plan
 from ..validate import load_run
 from .preflight import Refused, preflight
 from .progress import LineDisplay, LiveDisplay, ProgressView
@@ -87,6 +88,13 @@ def main(argv: list[str] | None = None) -> int:
         f"llavarun local: LlavaRun {run.name}: stages {', '.join(s.value for s in run.spec.stages)}"
     )
     console.print(f"status file: {local.paths.status_file}")
+    planned = run_plan(run)  # what the status records as status.plan, as the operator does
+    for line in plan_lines(planned):
+        console.print(line)
+    if not planned.get("unavailable"):
+        console.print(
+            "  (the recipe's model sizes and typical lengths; `llavarun plan FILE --data-dir DIR` reads yours)"
+        )
     try:
         with display:
             code = local.execute(fresh=args.fresh)
