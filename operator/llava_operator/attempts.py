@@ -15,7 +15,6 @@ from .api.status import seconds_between, timestamp
 from .backend import (
     FAILURES_ANNOTATION,
     PREVIOUS_FAILURE_ANNOTATION,
-    RUN_OBJECTS_ANNOTATION,
     SPEC_HASH_ANNOTATION,
     Backend,
     annotations,
@@ -73,16 +72,12 @@ class StageWalker:
     """Walks the stages of one run; a class only to share the run, the clock, the backend and
     what was observed beside the children (pods, progress)."""
 
-    def __init__(
-        self, run: LlavaRun, now: datetime, backend: Backend, pods: Any, marked: bool, progress: Any
-    ) -> None:
+    def __init__(self, run: LlavaRun, now: datetime, backend: Backend, pods: Any, progress: Any) -> None:
         self.run = run
         self.clock = now
         self.now = timestamp(now)
         self.backend = backend
         self.pods = pods
-        self.marked = marked
-        """A child already records that the run's objects exist: new children inherit the record."""
         self.progress: Mapping[str, Any] = progress or {}
         """The trainer's latest progress report (status.progress)."""
 
@@ -92,8 +87,6 @@ class StageWalker:
         notes[FAILURES_ANNOTATION] = str(failures)
         if previous:
             notes[PREVIOUS_FAILURE_ANNOTATION] = previous
-        if self.marked:
-            notes[RUN_OBJECTS_ANNOTATION] = "true"
         return child
 
     def start(

@@ -34,9 +34,6 @@ failures, not attempts replaced because the spec was edited before they started.
 PREVIOUS_FAILURE_ANNOTATION = "llavarun.io/previous-failure"
 """On a retry: why the attempt before it failed. The stage's message says it again once this
 attempt no longer waits (while it waits, the message says why first)."""
-RUN_OBJECTS_ANNOTATION = "llavarun.io/run-objects"
-"""Set on a child once the run's objects (`Backend.run_objects`) were created after it: until a
-child of the run carries it, every reconcile creates them again."""
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,6 @@ from .api import Stage
 from .backend import (
     FAILURES_ANNOTATION,
     PREVIOUS_FAILURE_ANNOTATION,
-    RUN_OBJECTS_ANNOTATION,
     SPEC_HASH_ANNOTATION,
     Backend,
     annotations,
@@ -36,7 +35,6 @@ class Child:
     previous_failure: str | None
     """Why the attempt before this one failed, as recorded on it (None: not recorded)."""
     spec_hash: str | None
-    has_run_objects: bool
 
 
 def observe(children: Iterable[Mapping[str, Any]], uid: str | None, backend: Backend) -> list[Child]:
@@ -65,7 +63,6 @@ def observe(children: Iterable[Mapping[str, Any]], uid: str | None, backend: Bac
                 failures=failures,
                 previous_failure=notes.get(PREVIOUS_FAILURE_ANNOTATION),
                 spec_hash=notes.get(SPEC_HASH_ANNOTATION),
-                has_run_objects=notes.get(RUN_OBJECTS_ANNOTATION) == "true",
             )
         )
     return out

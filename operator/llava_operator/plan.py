@@ -13,7 +13,9 @@ Rules (docs/OPERATOR.md has the user-facing version):
 - a Succeeded child completes its stage and starts the next; a Failed one starts another attempt
   while the stage has failed at most spec.retries times, else the stage and the run fail (sticky);
 - the run's objects (the backend's `run_objects`, e.g. the trainer's RBAC) are created with the
-  first child and again by every plan until a child records that they exist;
+  first child, and again by every plan until the status records a child: children are created
+  before the status is written, so an operator killed in between repeats them (409s), while the
+  next reconcile of a healthy start, which reads the run afresh, creates nothing twice;
 - an attempt none of whose processes has started is replaced by a new attempt when the spec now
   renders it differently; once one started, the attempt is never changed, except its suspension,
   and only when the user's spec.suspend differs from what we last applied to it (recorded on it),
@@ -39,7 +41,7 @@ from pydantic import ValidationError
 from .api import LlavaRun, Phase, Stage, StagePhase, StageStatus
 from .api.status import timestamp
 from .attempts import StageResult, StageWalker, Step
-from .backend import RUN_OBJECTS_ANNOTATION, Backend
+from .backend import Backend
 from .children import Child, observe
 from .conditions import (
     FAILED,
@@ -61,7 +63,6 @@ _RUN_PHASE = {
     StagePhase.SUCCEEDED: Phase.SUCCEEDED,
     StagePhase.FAILED: Phase.FAILED,
 }
-MARK_RUN_OBJECTS = {"metadata": {"annotations": {RUN_OBJECTS_ANNOTATION: "true"}}}
 
 
 @dataclass(frozen=True)
@@ -142,8 +143,7 @@ def plan(
     kids: dict[Stage, dict[int, Child]] = {}
     for child in observed:
         kids.setdefault(child.stage, {})[child.attempt] = child
-    marked = any(k.has_run_objects for k in observed)
-    planner = StageWalker(run, now, backend, pods, marked, status.get("progress"))
+    planner = StageWalker(run, now, backend, pods, status.get("progress"))
 
     stages = list(run.spec.stages)
     started = [i for i, s in enumerate(stages) if s.value in records or kids.get(s)]
@@ -180,11 +180,9 @@ def plan(
     create = [obj for st in steps.values() for obj in st.create]
     patch = [p for st in steps.values() for p in st.patch]
     run_objects = backend.run_objects(run)
-    if run_objects and not marked and phase not in (Phase.SUCCEEDED, Phase.FAILED) and step.record.job:
-        # Until a child records them, (re)create the run's objects around the current child and
-        # record them on it: an operator killed between any two of these steps repeats them.
+    recorded = any(r.job for r in records.values())
+    if run_objects and not recorded and phase not in (Phase.SUCCEEDED, Phase.FAILED) and step.record.job:
         create = [*run_objects.before, *create, *run_objects.after]
-        patch.append((step.record.job, MARK_RUN_OBJECTS))
     failure = (step.failure_reason, step.record.message or "") if step.phase is StagePhase.FAILED else None
     waiting = None
     if step.record.reason and step.phase is not StagePhase.QUEUED:

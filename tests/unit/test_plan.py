@@ -7,7 +7,6 @@ from datetime import timedelta
 
 import pytest
 from llava_operator.api.spec import MAX_RUN_NAME_LENGTH
-from llava_operator.backend import RUN_OBJECTS_ANNOTATION
 from llava_operator.conditions import REASON_BACKOFF_LIMIT, REASON_STAGE_FAILED
 from llava_operator.naming import job_name
 from llava_operator.plan import Plan
@@ -371,34 +370,31 @@ def job_of(p):
     return job
 
 
-def test_once_a_job_records_the_rbac_later_stages_and_retries_create_only_their_job() -> None:
-    """RBAC creates are the apiserver's costliest requests: once per run (the job records it)."""
+def test_once_the_status_records_a_job_later_stages_and_retries_create_only_their_job() -> None:
+    """RBAC creates are the apiserver's costliest requests: once per run, with its first job."""
     w = World(run_body(stages=["prepare", "pretrain"], retries=1))
     p = w.reconcile()
     assert [o["kind"] for o in p.create] == ["ServiceAccount", "PyTorchJob", "Role", "RoleBinding"]
-    assert p.patch == (("r1-prepare", {"metadata": {"annotations": {RUN_OBJECTS_ANNOTATION: "true"}}}),)
+    assert p.patch == ()
+    assert [o["kind"] for o in w.reconcile().create] == []  # the job's own events: nothing twice
     w.finish("r1-prepare")
     assert [o["kind"] for o in w.reconcile().create] == ["PyTorchJob"]
     w.finish("r1-pretrain", outcome="Failed")
     assert [o["kind"] for o in w.reconcile().create] == ["PyTorchJob"]
-    assert w.jobs["r1-pretrain-r1"]["metadata"]["annotations"][RUN_OBJECTS_ANNOTATION] == "true"
 
 
-def test_rbac_is_created_again_when_no_job_records_it() -> None:
-    """Finished jobs deleted (ttl) take the record with them: the current job gets it again."""
+def test_deleting_finished_jobs_does_not_recreate_the_rbac() -> None:
+    """Finished jobs deleted (ttl, a user) leave the status's record: no RBAC creates again."""
     w = World(run_body(stages=["prepare", "pretrain"]))
     w.reconcile()
     w.finish("r1-prepare")
     w.reconcile()
     del w.jobs["r1-prepare"]
-    del w.jobs["r1-pretrain"]["metadata"]["annotations"][RUN_OBJECTS_ANNOTATION]
-    p = w.reconcile()
-    assert [o["kind"] for o in p.create] == ["ServiceAccount", "Role", "RoleBinding"]
-    assert p.patch == (("r1-pretrain", {"metadata": {"annotations": {RUN_OBJECTS_ANNOTATION: "true"}}}),)
+    assert [o["kind"] for o in w.reconcile().create] == []
 
 
-START_STEPS = 6
-"""The first plan of a run: ServiceAccount, job, Role, RoleBinding, the job's record, the status."""
+START_STEPS = 5
+"""The first plan of a run: ServiceAccount, job, Role, RoleBinding, the status."""
 
 
 @pytest.mark.parametrize("crash_after", range(START_STEPS))
@@ -431,5 +427,4 @@ def test_an_operator_killed_at_any_step_of_a_run_start_leaves_nothing_missing(cr
         ]
     )
     assert list(w.jobs) == ["r1-prepare"]
-    assert w.jobs["r1-prepare"]["metadata"]["annotations"][RUN_OBJECTS_ANNOTATION] == "true"
     assert w.status == clean.status
