@@ -13,6 +13,7 @@ import copy
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from llava_operator.api.status import merge_patch
 from llava_operator.backends.pytorchjob import PYTORCHJOB
 from llava_operator.plan import Plan, plan
 
@@ -22,19 +23,6 @@ PYTORCHJOB_POD_LABEL = "training.kubeflow.org/job-name"
 
 def stamp(when: datetime) -> str:
     return when.strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def merge_patch(target: Any, patch: Any) -> Any:
-    """RFC 7386, as the apiserver applies `application/merge-patch+json`."""
-    if not isinstance(patch, dict):
-        return copy.deepcopy(patch)
-    out = dict(target) if isinstance(target, dict) else {}
-    for key, value in patch.items():
-        if value is None:
-            out.pop(key, None)
-        else:
-            out[key] = merge_patch(out.get(key), value)
-    return out
 
 
 def run_body(name: str = "r1", uid: str = "uid-1", **spec: Any) -> dict[str, Any]:

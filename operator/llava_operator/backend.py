@@ -107,6 +107,11 @@ def flag(value: bool) -> str:
     return "true" if value else "false"
 
 
+def suspend_patch_at(spec: Mapping[str, Any], suspend: bool) -> dict[str, Any]:
+    """(Un)suspend a child whose `spec` patch is given, recording the user's intent on it."""
+    return {"metadata": {"annotations": {SUSPEND_ANNOTATION: flag(suspend)}}, "spec": dict(spec)}
+
+
 def digest(value: Any) -> str:
     """A short stable digest of a JSON value (for SPEC_HASH_ANNOTATION)."""
     text = json.dumps(value, sort_keys=True, separators=(",", ":"))

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 import yaml
 from llava_operator.api import LlavaRun
-from llava_operator.local.jobs import merge_patch
+from llava_operator.api.status import merge_patch
 from llava_operator.local.processes import processes_with_env
 from llava_operator.local.runner import LocalRun, read_json
 

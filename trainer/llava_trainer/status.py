@@ -29,7 +29,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, get_args
 
-from llava_operator.api.status import Progress, Results, timestamp
+from llava_operator.api.status import Progress, Results, merge_patch, timestamp
 from llava_operator.apiserver import patch_run_status
 from pydantic import BaseModel, ValidationError
 
@@ -81,20 +81,6 @@ def validated(model: type[BaseModel], fields: Mapping[str, Any], what: str) -> d
                 del values[key]
 
 
-def merge_patch(target: dict[str, Any], patch: Mapping[str, Any]) -> dict[str, Any]:
-    """RFC 7386 JSON merge patch (what the apiserver applies): maps merge, null deletes."""
-    for key, value in patch.items():
-        if value is None:
-            target.pop(key, None)
-        elif isinstance(value, Mapping) and isinstance(target.get(key), dict):
-            merge_patch(target[key], value)
-        elif isinstance(value, Mapping):
-            target[key] = merge_patch({}, value)
-        else:
-            target[key] = value
-    return target
-
-
 class StatusSink(Protocol):
     min_interval: float
 
@@ -117,7 +103,7 @@ class FileSink:
                 current = json.loads(self.path.read_text() or "{}")
             except json.JSONDecodeError:
                 log.warning("status: %s is not JSON; starting it afresh", self.path)
-        merge_patch(current, status_patch)
+        current = merge_patch(current, status_patch)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", dir=self.path.parent)
         with os.fdopen(fd, "w") as f:

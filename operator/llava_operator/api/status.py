@@ -8,9 +8,11 @@ Every field is declared so the apiserver's structural pruning never drops a writ
 
 from __future__ import annotations
 
+import copy
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field
 
@@ -34,6 +36,20 @@ def parse_time(value: str | None) -> datetime | None:
     except (AttributeError, TypeError, ValueError):
         return None
     return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+
+
+def merge_patch(target: Any, patch: Any) -> Any:
+    """RFC 7386 JSON merge patch, as the apiserver applies `llavaruns/status` patches: maps merge,
+    null deletes, anything else replaces. Returns a new document; `target` is left as it was."""
+    if not isinstance(patch, Mapping):
+        return copy.deepcopy(patch)
+    out = dict(target) if isinstance(target, Mapping) else {}
+    for key, value in patch.items():
+        if value is None:
+            out.pop(key, None)
+        else:
+            out[key] = merge_patch(out.get(key), value)
+    return out
 
 
 def seconds_between(start: str | None, end: str | None) -> float | None:

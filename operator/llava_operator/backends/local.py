@@ -22,7 +22,7 @@ from typing import Any
 
 from ..api import API_VERSION, LlavaRun, Stage
 from ..api.spec import PrepareResources
-from ..backend import SUSPEND_ANNOTATION, RunObjects, flag, stamp
+from ..backend import RunObjects, stamp, suspend_patch_at
 from ..jobstate import JobPhase, JobState
 from ..naming import job_name, stage_labels
 from ..trainer_command import stage_env, trainer_args
@@ -166,10 +166,7 @@ class LocalJobBackend:
         )
 
     def suspend_patch(self, suspend: bool) -> dict[str, Any]:
-        return {
-            "metadata": {"annotations": {SUSPEND_ANNOTATION: flag(suspend)}},
-            "spec": {"suspend": suspend},
-        }
+        return suspend_patch_at({"suspend": suspend}, suspend)
 
     def where_to_look(
         self, child_name: str, state: JobState, namespace: str, pods: list[Mapping[str, Any]]

@@ -15,7 +15,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from ..api import LlavaRun, Stage
-from ..backend import SUSPEND_ANNOTATION, RunObjects, flag, stamp
+from ..backend import RunObjects, stamp, suspend_patch_at
 from ..jobstate import JobPhase, JobState
 from ..render import render_rbac, render_stage_job
 
@@ -151,10 +151,7 @@ class PyTorchJobBackend:
         return pytorchjob_state(child)
 
     def suspend_patch(self, suspend: bool) -> dict[str, Any]:
-        return {
-            "metadata": {"annotations": {SUSPEND_ANNOTATION: flag(suspend)}},
-            "spec": {"runPolicy": {"suspend": suspend}},
-        }
+        return suspend_patch_at({"runPolicy": {"suspend": suspend}}, suspend)
 
     def where_to_look(
         self, child_name: str, state: JobState, namespace: str, pods: list[Mapping[str, Any]]

@@ -21,7 +21,7 @@ from typing import Any
 
 from ..api import LlavaRun, Stage
 from ..api.spec import trainjob_refusals
-from ..backend import SUSPEND_ANNOTATION, RunObjects, flag, stamp
+from ..backend import RunObjects, stamp, suspend_patch_at
 from ..jobstate import JobPhase, JobState
 from ..render import owner_reference, render_rbac, stage_values
 from .pytorchjob import describe_failed_pod
@@ -180,10 +180,7 @@ class TrainJobBackend:
         return trainjob_state(child)
 
     def suspend_patch(self, suspend: bool) -> dict[str, Any]:
-        return {
-            "metadata": {"annotations": {SUSPEND_ANNOTATION: flag(suspend)}},
-            "spec": {"suspend": suspend},
-        }
+        return suspend_patch_at({"suspend": suspend}, suspend)
 
     def where_to_look(
         self, child_name: str, state: JobState, namespace: str, pods: list[Mapping[str, Any]]

@@ -10,7 +10,6 @@ started again, as the training-operator restarts a job's pods.
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import queue
@@ -24,7 +23,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from ..api import Stage
-from ..api.status import timestamp
+from ..api.status import merge_patch, timestamp
 from ..backends.local import FAILED, RUNNING, STOPPED, SUCCEEDED
 from ..naming import LABEL_RUN, LABEL_STAGE
 from .logs import describe_exit
@@ -32,19 +31,6 @@ from .processes import ProcessTree, processes_with_env
 
 HIDDEN_ENV = ("LLAVARUN_NAME", "LLAVARUN_NAMESPACE", "LLAVARUN_KUBECONFIG")
 """Locally the trainer reports into a file only, never to a cluster the shell happens to point at."""
-
-
-def merge_patch(target: Any, patch: Any) -> Any:
-    """RFC 7386, as the apiserver applies it."""
-    if not isinstance(patch, Mapping):
-        return copy.deepcopy(patch)
-    out = dict(target) if isinstance(target, Mapping) else {}
-    for key, value in patch.items():
-        if value is None:
-            out.pop(key, None)
-        else:
-            out[key] = merge_patch(out.get(key), value)
-    return out
 
 
 def write_json(path: Path, value: Any) -> None:

@@ -29,9 +29,10 @@ from pathlib import Path
 from typing import IO, Any
 
 from ..api import API_VERSION, KIND, LlavaRun, Phase, Stage
+from ..api.status import merge_patch
 from ..backends.local import LocalJobBackend, LocalPaths
 from ..plan import Plan, plan
-from .jobs import LocalJobs, merge_patch, write_json
+from .jobs import LocalJobs, write_json
 from .preflight import Refused
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
