@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 
 from ..api import LlavaRunSpec, Stage, StageResources
-from .geometry import Geometry, recipe_geometry
+from .geometry import Geometry, for_stage, recipe_geometry
 from .memory import element_bytes, trained_and_frozen
 
 STOP_SECONDS = 30
@@ -35,7 +35,7 @@ def checkpoint_bytes_per_node(geometry: Geometry, stage: Stage, spec: LlavaRunSp
     under ZeRO-3 and written by the first rank otherwise."""
     hp = spec.pretrain if stage is Stage.PRETRAIN else spec.finetune
     nodes = hp.resources.nodes
-    trained, _ = trained_and_frozen(geometry, stage.value)
+    trained, _ = trained_and_frozen(for_stage(geometry, spec, stage.value), stage.value)
     weights = trained * element_bytes(hp.precision)
     optimizer = trained * (8 if hp.precision == "fp32" else 12)
     if hp.zero_stage >= 3:

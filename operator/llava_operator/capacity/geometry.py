@@ -10,7 +10,7 @@ pydantic (bench/gpu_check.sh uses it on a bare GPU machine).
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +69,16 @@ class Geometry:
             d * s.feature_layers * s.hidden + s.hidden,
             s.hidden * s.hidden + s.hidden,
         )
+
+
+def for_stage(geometry: Geometry, spec: Any, stage: str) -> Geometry:
+    """The geometry a stage trains: a LoRA finetune (`spec.finetune.lora`) adds its adapters
+    (`shape.adapter_params`, as the trainer counts them for MFU)."""
+    lora = spec.finetune.lora if stage == "finetune" else None
+    if lora is None:
+        return geometry
+    adapters = geometry.shape.lora_params(lora.r, [str(t) for t in lora.target_modules])
+    return replace(geometry, shape=replace(geometry.shape, adapter_params=adapters))
 
 
 def model_vocab(tokenizer_vocab: int) -> int:

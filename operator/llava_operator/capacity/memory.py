@@ -50,9 +50,13 @@ class ModelStates:
 
 def trained_and_frozen(geometry: Geometry, stage: Stage) -> tuple[int, int]:
     """(trained, frozen) parameters: pretrain trains the projector only; finetune the LLM and
-    the projector; CLIP is always frozen."""
+    the projector, or with LoRA (`shape.adapter_params`) the adapters and the projector while the
+    LLM stays frozen; CLIP is always frozen."""
     if stage == "pretrain":
         return geometry.projector_params, geometry.llm_params + geometry.vision_params
+    if geometry.shape.adapter_params:
+        trained = geometry.shape.adapter_params + geometry.projector_params
+        return trained, geometry.llm_params + geometry.vision_params
     return geometry.llm_params + geometry.projector_params, geometry.vision_params
 
 

@@ -15,7 +15,7 @@ from ..api import LlavaRunSpec, Stage
 from ..api.profiles import Device
 from ..api.status import timestamp
 from ..trainer_command import stage_config
-from .geometry import Geometry
+from .geometry import Geometry, for_stage
 from .lengths import TokenLengths
 from .memory import GIB, StepMemory, step_memory
 from .timing import stage_time
@@ -108,6 +108,7 @@ def plan_stage(
 ) -> dict[str, Any]:
     """One training stage's plan (memory per device, time at the given MFU)."""
     hp = spec.pretrain if stage is Stage.PRETRAIN else spec.finetune
+    geometry = for_stage(geometry, spec, stage.value)
     setup = Setup(
         hp.micro_batch_size,
         hp.gradient_checkpointing,
@@ -131,6 +132,11 @@ def plan_stage(
         mfu_percent=mfu.percent,
     )
     trained = "projector" if stage is Stage.PRETRAIN else "LLM + projector"
+    if geometry.shape.adapter_params:
+        trained = (
+            f"LoRA adapters ({geometry.shape.adapter_params / 1e6:.0f}M) + projector, the LLM frozen; "
+            "the adapters' dropout activations not counted"
+        )
     assumptions = [
         *lengths.assumptions,
         f"activations for {hp.micro_batch_size} samples x {seq_len} tokens (the longest sample; at maxLength "
