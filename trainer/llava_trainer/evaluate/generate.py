@@ -39,6 +39,8 @@ class Ranks:
     world_size: int = 1
     local_rank: int = 0
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    owns_group: bool = False
+    """Whether this evaluation created the process group (and so destroys it at the end)."""
 
     @property
     def is_main(self) -> bool:
@@ -56,9 +58,10 @@ def init_distributed() -> Ranks:
         index = local_rank % torch.accelerator.device_count()
         torch.accelerator.set_device_index(index)
         device = torch.device(accelerator.type, index)
-    if world_size > 1 and not dist.is_initialized():
+    owns_group = world_size > 1 and not dist.is_initialized()
+    if owns_group:
         dist.init_process_group(backend=dist.get_default_backend_for_device(device))
-    return Ranks(rank, world_size, local_rank, device)
+    return Ranks(rank, world_size, local_rank, device, owns_group)
 
 
 def global_batches(questions: Sequence[Question], batch_size: int) -> list[list[Question]]:

@@ -141,7 +141,7 @@ def _generate(
             on_progress=_progress_logger(reporter) if ranks.is_main else None,
         )
     finally:
-        if dist.is_initialized():
+        if ranks.owns_group and dist.is_initialized():  # never a group someone else made
             dist.destroy_process_group()
     return answers, ranks.world_size
 
