@@ -68,6 +68,11 @@ def _seconds_between(start: str | None, end: str | None) -> float:
     return seconds_between(start, end) or 0.0
 
 
+LOOK_AFTER_SECONDS = 10.0
+"""A new attempt's pods are not read this long: scheduling and image pulls usually settle in
+seconds, and reading the pods of every young attempt costs a LIST per child event at scale."""
+
+
 class StageWalker:
     """Walks the stages of one run; a class only to share the run, the clock, the backend and
     what was observed beside the children (pods, progress)."""
@@ -281,9 +286,12 @@ class StageWalker:
         return step
 
     def may_wait(self, kid: Child) -> bool:
-        """Whether an unsuspended attempt's pods may be waiting: not all of them have run yet,
+        """Whether an unsuspended attempt's pods may be waiting (read once it is LOOK_AFTER_SECONDS
+        old): not all of them have run yet,
         or some were recreated (Restarting), or it runs on several nodes (one pod each) and its
         trainer has not reported yet (a worker may wait for a node while the master runs)."""
+        if (seconds_between(kid.created, self.now) or 0.0) < LOOK_AFTER_SECONDS:
+            return False
         if kid.state.phase is not JobPhase.RUNNING:
             return True
         if getattr(self.run.spec.stage_config(kid.stage).resources, "nodes", 1) == 1:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from datetime import timedelta
 
+from llava_operator.attempts import LOOK_AFTER_SECONDS
 from llava_operator.waiting import SLOW_START_SECONDS, pod_wait
 
 from tests.plan_world import World, run_body
@@ -18,8 +19,10 @@ TAINTED = (
 
 
 def started() -> World:
+    """A run whose first attempt exists and is old enough for its pods to be read."""
     w = World(run_body())
     w.reconcile()
+    w.now += timedelta(seconds=LOOK_AFTER_SECONDS)
     return w
 
 
@@ -102,7 +105,7 @@ def test_containers_still_being_created_minutes_after_placement_point_at_volumes
     w.reconcile()
     record = w.status["stages"]["prepare"]
     assert record["reason"] == "ContainerCreating"
-    assert "since 2026-11-26T12:00:00Z (mounting volumes or pulling the image" in record["message"]
+    assert "since 2026-11-26T12:00:10Z (mounting volumes or pulling the image" in record["message"]
     assert "kubectl describe pod -n ns r1-prepare-master-0" in record["message"]
     assert len(waits(w)) == 1
 
@@ -115,6 +118,7 @@ def test_several_pods_the_most_telling_cause_first_and_the_others_counted() -> N
         )
     )
     w.reconcile()
+    w.now += timedelta(seconds=LOOK_AFTER_SECONDS)
     w.container_waits("r1-pretrain", "ImagePullBackOff", "Back-off pulling image")
     w.unschedulable(
         "r1-pretrain", "0/2 nodes are available: 2 Insufficient nvidia.com/gpu.", replica="worker"
@@ -141,6 +145,7 @@ def test_a_running_master_whose_worker_cannot_be_placed_waits_until_the_trainer_
         )
     )
     w.reconcile()
+    w.now += timedelta(seconds=LOOK_AFTER_SECONDS)
     w.running("r1-pretrain")
     w.unschedulable(
         "r1-pretrain", "0/2 nodes are available: 2 Insufficient nvidia.com/gpu.", replica="worker"
@@ -154,6 +159,16 @@ def test_a_running_master_whose_worker_cannot_be_placed_waits_until_the_trainer_
     assert w.plan().wants_pods == ()
     w.reconcile()
     assert "reason" not in w.status and "reason" not in w.status["stages"]["pretrain"]
+
+
+def test_a_young_attempts_pods_are_not_read() -> None:
+    """Scheduling usually settles in seconds: reading every new attempt's pods on each of its
+    events would cost the apiserver a LIST per event at scale."""
+    w = World(run_body())
+    w.reconcile()
+    assert w.plan().wants_pods == ()
+    w.now += timedelta(seconds=LOOK_AFTER_SECONDS)
+    assert w.plan().wants_pods == ("r1-prepare",)
 
 
 def test_the_pods_of_a_running_single_node_attempt_are_not_read() -> None:
@@ -175,6 +190,7 @@ def test_a_retry_that_waits_says_so_and_keeps_the_previous_failure() -> None:
     assert failure.startswith("job r1-prepare failed: ")
     assert w.jobs["r1-prepare-r1"]["metadata"]["annotations"]["llavarun.io/previous-failure"] == failure
 
+    w.now += timedelta(seconds=LOOK_AFTER_SECONDS)
     w.unschedulable("r1-prepare-r1", TAINTED)
     w.reconcile()
     record = w.status["stages"]["prepare"]
