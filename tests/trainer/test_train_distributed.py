@@ -30,20 +30,7 @@ COMMON_FLAGS = [
 
 
 def test_two_processes_pretrain_zero2_then_finetune_zero3_and_resume(tmp_path: Path, synth_dir: Path) -> None:
-    repo = Path(__file__).resolve().parents[2]
-    env = {
-        **os.environ,
-        "PYTHONPATH": f"{repo}:{repo / 'trainer'}:{repo / 'operator'}",
-        "OMP_NUM_THREADS": "1",
-    }
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LLAVARUN_STATUS_FILE"):
-        env.pop(key, None)
-    command = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(_free_port()),
-        __file__, str(synth_dir), str(tmp_path),
-    ]  # fmt: skip
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-8000:]
+    run_two_processes(__file__, synth_dir, tmp_path, timeout=600)
     result = json.loads((tmp_path / "result.json").read_text())
 
     assert result["codes"] == [0, 0, 0, 0]
@@ -71,6 +58,25 @@ def _check_export(directory: Path, synth_dir: Path) -> None:
     )
     for name, weight in clip.state_dict().items():
         assert torch.equal(model.model.vision_tower.state_dict()[name], weight), name
+
+
+def run_two_processes(script: str, *args: Path, timeout: float) -> None:
+    """`script args` under torchrun with 2 gloo processes, in a clean environment (no rank or
+    status file left by this pytest process); fails with the processes' output."""
+    repo = Path(__file__).resolve().parents[2]
+    env = {
+        **os.environ,
+        "PYTHONPATH": f"{repo}:{repo / 'trainer'}:{repo / 'operator'}",
+        "OMP_NUM_THREADS": "1",
+    }
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LLAVARUN_STATUS_FILE"):
+        env.pop(key, None)
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(_free_port()),
+        script, *map(str, args),
+    ]  # fmt: skip
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-8000:]
 
 
 def _free_port() -> int:

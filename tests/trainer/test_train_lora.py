@@ -10,7 +10,6 @@ This file is also the torchrun worker: run as a script it trains, and the tests 
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -18,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from tests.trainer.test_train_distributed import _free_port
+from tests.trainer.test_train_distributed import run_two_processes
 
 pytestmark = [pytest.mark.trainer, pytest.mark.slow]
 
@@ -47,20 +46,7 @@ STOP_AT = 3
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory, synth_dir: Path) -> dict[str, Any]:
     out = tmp_path_factory.mktemp("lora")
-    repo = Path(__file__).resolve().parents[2]
-    env = {
-        **os.environ,
-        "PYTHONPATH": f"{repo}:{repo / 'trainer'}:{repo / 'operator'}",
-        "OMP_NUM_THREADS": "1",
-    }
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LLAVARUN_STATUS_FILE"):
-        env.pop(key, None)
-    command = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(_free_port()),
-        __file__, str(synth_dir), str(out),
-    ]  # fmt: skip
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-8000:]
+    run_two_processes(__file__, synth_dir, out, timeout=900)
     return {"out": out, **json.loads((out / "result.json").read_text())}
 
 
