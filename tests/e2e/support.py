@@ -29,11 +29,10 @@ from kubernetes.client import ApiClient
 from kubernetes.client.exceptions import ApiException
 
 from tests.cluster import (
-    CONTROLLER_MANAGER,
     FULL,
     OUTCOME_LABEL,
     RUN_DURATION_ANNOTATION,
-    TRAINING_OPERATOR,
+    TRAINER_STACK,
     Cluster,
     wait_for,
 )
@@ -58,21 +57,25 @@ ALL_STAGES = ("prepare", "pretrain", "finetune", "evaluate")
 # --- the control plane and the chart ---------------------------------------------------------------
 
 
-def prepare_cluster(cluster: Cluster) -> Cluster:
-    """Everything up (GC, scheduler, kwok GPU nodes, training-operator) and running.
+def prepare_cluster(cluster: Cluster, trainer: bool = False) -> Cluster:
+    """Everything up (GC, scheduler, kwok GPU nodes, training-operator; with `trainer`, JobSet and
+    Kubeflow Trainer v2 too) and running.
 
     A control-plane test module pauses the training-operator while it plays it by hand; bring it
-    back if it is still stopped.
+    back (and any other component) if it is still stopped.
     """
-    cluster.ensure(*FULL)
-    for component in (CONTROLLER_MANAGER, TRAINING_OPERATOR):
+    components = tuple(dict.fromkeys((*FULL, *(TRAINER_STACK if trainer else ()))))
+    cluster.ensure(*components)
+    for component in components:
         if not cluster.procs[component].alive():
             cluster.restart(component)
     return cluster
 
 
-def install_chart(cluster: Cluster) -> subprocess.CompletedProcess[str]:
+def install_chart(cluster: Cluster, trainjob: bool = False) -> subprocess.CompletedProcess[str]:
     """`helm upgrade --install` of our chart with replicas=0 (CRD + RBAC only); idempotent.
+    With `trainjob`, the TrainJob backend too (its ClusterTrainingRuntime and RBAC; needs the
+    Trainer v2 CRDs).
 
     Returns helm's answer (its output shows the chart's NOTES)."""
     if cluster.kubectl("get", "crd", CRD, check=False).returncode == 0:
@@ -84,7 +87,8 @@ def install_chart(cluster: Cluster) -> subprocess.CompletedProcess[str]:
         )  # fmt: skip
     installed = cluster.helm(
         "upgrade", "--install", RELEASE, str(CHART), "--namespace", OPERATOR_NAMESPACE, "--create-namespace",
-        "--set", "replicas=0", "--wait", "--timeout", "120s",
+        "--set", "replicas=0", "--set", f"backends.trainJob.enabled={str(trainjob).lower()}",
+        "--wait", "--timeout", "120s",
     )  # fmt: skip
     cluster.wait_crd_established(CRD)
     wait_for(
@@ -113,7 +117,9 @@ class OperatorProcess:
     Its log is JSON lines; liveness and metrics listen on free loopback ports.
     """
 
-    def __init__(self, kubeconfig: Path, log: Path, resync_seconds: float = 2.0) -> None:
+    def __init__(
+        self, kubeconfig: Path, log: Path, resync_seconds: float = 2.0, backends: str = "PyTorchJob"
+    ) -> None:
         self.resync_seconds = resync_seconds
         self.liveness_port = free_port()
         self.metrics_port = free_port()
@@ -121,6 +127,7 @@ class OperatorProcess:
             str(Path(sys.executable).parent / "llavarun"), "operator", "--all-namespaces",
             f"--liveness-port={self.liveness_port}", f"--metrics-port={self.metrics_port}",
             "--bind-address=127.0.0.1", f"--resync-seconds={resync_seconds}", "--log-format=json",
+            f"--backends={backends}",
         ]  # fmt: skip
         env = {**os.environ, "KUBECONFIG": str(kubeconfig), "PYTHONUNBUFFERED": "1"}
         env.pop("LLAVARUN_KUBECONFIG", None)
@@ -209,11 +216,15 @@ class OperatorProcess:
 
 @contextmanager
 def operator_running(
-    cluster: Cluster, log: Path, session: pytest.Session, resync_seconds: float = 2.0
+    cluster: Cluster,
+    log: Path,
+    session: pytest.Session,
+    resync_seconds: float = 2.0,
+    backends: str = "PyTorchJob",
 ) -> Iterator[OperatorProcess]:
     """The operator under the chart's ServiceAccount for a fixture's lifetime; its log tail is
     printed when tests failed meanwhile."""
-    proc = OperatorProcess(operator_kubeconfig(cluster), log, resync_seconds)
+    proc = OperatorProcess(operator_kubeconfig(cluster), log, resync_seconds, backends)
     failed_before = session.testsfailed
     proc.start()
     try:

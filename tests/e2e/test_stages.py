@@ -1,5 +1,6 @@
-"""A LlavaRun's stages as real PyTorchJobs → pods (training-operator) → kwok on fake GPU nodes:
-success in order, a failed worker retried, retries exhausted."""
+"""A LlavaRun's stages as real jobs → pods on fake GPU nodes (kwok), through each backend:
+PyTorchJobs (training-operator) and TrainJobs (Trainer v2 → JobSet → Jobs). Success in order, a
+failed worker retried, retries exhausted, the failed pod named."""
 
 from __future__ import annotations
 
@@ -12,11 +13,10 @@ import pytest
 from tests.cluster import EXIT_CODE_ANNOTATION
 from tests.cluster import GPU_RESOURCE as GPU
 
+from .childkinds import ChildKind
 from .support import (
     ALL_STAGES,
-    KUBEFLOW,
     LABEL_ATTEMPT,
-    REPLICA_TYPE_LABEL,
     Kube,
     OperatorProcess,
     PodSteerer,
@@ -25,7 +25,6 @@ from .support import (
     fail,
     hang,
     job_name,
-    job_state,
     llavarun,
     pod_labels,
     wait_events,
@@ -36,16 +35,17 @@ pytestmark = pytest.mark.e2e
 
 
 class JobTimeline:
-    """When each PyTorchJob of a namespace first appeared and first showed a final condition."""
+    """When each job of a namespace first appeared and first showed a final condition."""
 
-    def __init__(self) -> None:
+    def __init__(self, backend: ChildKind) -> None:
+        self.backend = backend
         self.added: dict[str, float] = {}
         self.finished: dict[str, tuple[str, float]] = {}
 
     def __call__(self, job: dict[str, Any], seen_at: float) -> None:
         name = job["metadata"]["name"]
         self.added.setdefault(name, seen_at)
-        state = job_state(job)
+        state = self.backend.verdict(job)
         if state in ("Succeeded", "Failed") and name not in self.finished:
             self.finished[name] = (state, seen_at)
 
@@ -61,15 +61,17 @@ class LastSeen:
 
 
 def test_four_stage_run_succeeds_through_real_jobs_and_pods_in_order(
-    kube: Kube, running_operator: OperatorProcess, cluster_namespace: str
+    kube: Kube, running_operator: OperatorProcess, cluster_namespace: str, backend: ChildKind
 ) -> None:
     ns, run = cluster_namespace, "llava13b"
     log_start = running_operator.log_mark()
-    timeline, pods = JobTimeline(), LastSeen()
-    list_jobs = partial(kube.custom.list_namespaced_custom_object, *KUBEFLOW[:2], ns, KUBEFLOW[2])
+    timeline, pods = JobTimeline(backend), LastSeen()
+    list_jobs = partial(
+        kube.custom.list_namespaced_custom_object, *backend.resource[:2], ns, backend.resource[2]
+    )
     list_pods = partial(kube.core.list_namespaced_pod, ns)
     with Watcher(list_jobs, timeline), Watcher(list_pods, pods):
-        kube.create_run(llavarun(run, ns, ALL_STAGES, nodes={"pretrain": 2}))
+        kube.create_run(llavarun(run, ns, ALL_STAGES, nodes={"pretrain": 2}, backend=backend.kind))
         st = wait_run(kube, ns, run, "succeeded", timeout=120, phase="Succeeded")
 
     names = [job_name(run, s) for s in ALL_STAGES]
@@ -80,6 +82,7 @@ def test_four_stage_run_succeeds_through_real_jobs_and_pods_in_order(
 
     generation = kube.run(ns, run)["metadata"]["generation"]  # type: ignore[index]
     assert (st["stage"], st["currentJob"], st["observedGeneration"]) == ("evaluate", names[-1], generation)
+    assert st["backend"] == backend.kind
     for stage in ALL_STAGES:
         record = st["stages"][stage]
         assert (record["phase"], record["job"], record["attempts"]) == ("Succeeded", job_name(run, stage), 1)
@@ -93,45 +96,61 @@ def test_four_stage_run_succeeds_through_real_jobs_and_pods_in_order(
         "Queued": ("False", "NotQueued"),
     }
 
-    jobs = kube.jobs(ns, run)
+    jobs = backend.jobs(kube, ns, run)
     assert sorted(jobs) == sorted(names)
-    assert {n: job_state(j) for n, j in jobs.items()} == dict.fromkeys(names, "Succeeded")
-    masters = [f"{n}-master-0" for n in names]
-    assert sorted(pods.objects) == sorted([*masters, f"{job_name(run, 'pretrain')}-worker-0"])
-    assert {pods.objects[m]["status"]["phase"] for m in masters} == {"Succeeded"}
+    assert {n: backend.verdict(j) for n, j in jobs.items()} == dict.fromkeys(names, "Succeeded")
+    pods_of = {
+        n: [p for p in pods.objects.values() if pod_labels(p).get(backend.job_label) == n] for n in names
+    }
+    assert {n: len(p) for n, p in pods_of.items()} == {n: 2 if "pretrain" in n else 1 for n in names}
+    assert len(pods.objects) == 5
+    firsts = {n: next(p for p in ps if backend.first_node(p)) for n, ps in pods_of.items()}
+    assert {p["status"]["phase"] for p in firsts.values()} == {"Succeeded"}
     # Scheduled onto the tainted GPU pool, 8 GPUs per pod (prepare is CPU only).
     assert all(p["spec"]["nodeName"].startswith("gpu-node-") for p in pods.objects.values())
-    gpus = {n: p["spec"]["containers"][0]["resources"]["limits"].get(GPU) for n, p in pods.objects.items()}
-    assert gpus.pop(masters[0]) is None
-    assert set(gpus.values()) == {"8"}
+
+    def gpus(pod: dict[str, Any]) -> str | None:
+        (trainer,) = [c for c in pod["spec"]["containers"] if c["name"] == backend.container]
+        return (trainer.get("resources") or {}).get("limits", {}).get(GPU)
+
+    assert [gpus(p) for p in pods_of[names[0]]] == [None]
+    assert {gpus(p) for n in names[1:] for p in pods_of[n]} == {"8"}
 
     reasons = wait_events(kube, ns, run, "RunSucceeded")
     assert sorted(reasons) == sorted(["StageStarted", "StageSucceeded"] * 4 + ["RunSucceeded"])
     assert running_operator.errors(since=log_start) == []
 
 
+def steered_to_fail(steered: dict[str, Any]) -> list[str]:
+    """The pods a PodSteerer made fail."""
+    return sorted(name for name, patch in steered.items() if patch == fail())
+
+
 def test_failed_worker_is_retried_as_attempt_r1_and_the_run_succeeds(
-    kube: Kube, running_operator: OperatorProcess, cluster_namespace: str
+    kube: Kube, running_operator: OperatorProcess, cluster_namespace: str, backend: ChildKind
 ) -> None:
-    """Attempt 0's worker exits 1 (its master would run on): the training-operator fails the job,
-    the operator starts `<run>-pretrain-r1`, whose pods finish normally."""
+    """Attempt 0's second node exits 1 (the first would run on): the job fails, the operator starts
+    `<run>-pretrain-r1`, whose pods finish normally."""
     ns, run = cluster_namespace, "flaky"
 
     def break_attempt_zero(pod: dict[str, Any]) -> dict[str, Any] | None:
-        labels = pod_labels(pod)
-        if labels.get(LABEL_ATTEMPT) != "0":
+        if pod_labels(pod).get(LABEL_ATTEMPT) != "0":
             return None
-        return fail() if labels.get(REPLICA_TYPE_LABEL) == "worker" else hang()
+        return hang() if backend.first_node(pod) else fail()
 
     with PodSteerer(kube, ns, break_attempt_zero) as steerer:
-        kube.create_run(llavarun(run, ns, ["pretrain"], nodes={"pretrain": 2}, run_duration="3s"))
+        kube.create_run(
+            llavarun(run, ns, ["pretrain"], nodes={"pretrain": 2}, run_duration="3s", backend=backend.kind)
+        )
         st = wait_run(kube, ns, run, "succeeded", timeout=90, phase="Succeeded")
-    assert sorted(steerer.steered) == [f"{run}-pretrain-master-0", f"{run}-pretrain-worker-0"]
-
     first, retry = job_name(run, "pretrain"), job_name(run, "pretrain", 1)
-    jobs = kube.jobs(ns, run)
+    assert len(steerer.steered) == 2
+    (failed_pod,) = steered_to_fail(steerer.steered)
+    assert all(pod_labels(p)[backend.job_label] == retry for p in kube.pods(ns, f"{LABEL_ATTEMPT}=1"))
+
+    jobs = backend.jobs(kube, ns, run)
     assert sorted(jobs) == [first, retry]
-    assert (job_state(jobs[first]), job_state(jobs[retry])) == ("Failed", "Succeeded")
+    assert (backend.verdict(jobs[first]), backend.verdict(jobs[retry])) == ("Failed", "Succeeded")
     assert jobs[retry]["metadata"]["labels"][LABEL_ATTEMPT] == "1"
 
     record = st["stages"]["pretrain"]
@@ -140,22 +159,26 @@ def test_failed_worker_is_retried_as_attempt_r1_and_the_run_succeeds(
     reasons = wait_events(kube, ns, run, "RunSucceeded")
     assert sorted(reasons) == ["RunSucceeded", "StageRetrying", "StageStarted", "StageSucceeded"]
     (retrying,) = kube.event_messages(ns, run, "StageRetrying")
-    assert f"job {first} failed" in retrying and f"pod {first}-worker-0: exit code 1" in retrying
+    assert f"job {first} failed" in retrying and f"pod {failed_pod}: exit code 1" in retrying
 
 
 def test_exhausted_retries_fail_the_run_with_backoff_limit_exceeded(
-    kube: Kube, running_operator: OperatorProcess, cluster_namespace: str
+    kube: Kube, running_operator: OperatorProcess, cluster_namespace: str, backend: ChildKind
 ) -> None:
     ns, run = cluster_namespace, "doomed"
     with PodSteerer(kube, ns, lambda pod: fail()):
-        kube.create_run(llavarun(run, ns, ["prepare", "pretrain"], retries=1, run_duration="3s"))
+        kube.create_run(
+            llavarun(run, ns, ["prepare", "pretrain"], retries=1, run_duration="3s", backend=backend.kind)
+        )
         st = wait_run(kube, ns, run, "failed", timeout=90, phase="Failed")
 
     first, retry = job_name(run, "prepare"), job_name(run, "prepare", 1)
-    assert sorted(kube.jobs(ns, run)) == [first, retry]  # and never a pretrain job
+    assert sorted(backend.jobs(kube, ns, run)) == [first, retry]  # and never a pretrain job
     failed, succeeded = condition(st, "Failed"), condition(st, "Succeeded")
     assert (failed["status"], failed["reason"]) == ("True", "BackoffLimitExceeded")
     assert failed["message"].startswith(f"job {retry} failed: ")
+    (retry_pod,) = [p["metadata"]["name"] for p in kube.pods(ns, backend.pods_of(retry))]
+    assert f"pod {retry_pod}: exit code 1" in failed["message"]
     assert (succeeded["status"], succeeded["reason"]) == ("False", "BackoffLimitExceeded")
     record = st["stages"]["prepare"]
     assert (record["phase"], record["job"], record["attempts"]) == ("Failed", retry, 2)
@@ -166,10 +189,10 @@ def test_exhausted_retries_fail_the_run_with_backoff_limit_exceeded(
 
 
 def test_failure_message_names_the_failed_pod_and_its_exit_code(
-    kube: Kube, running_operator: OperatorProcess, cluster_namespace: str
+    kube: Kube, running_operator: OperatorProcess, cluster_namespace: str, backend: ChildKind
 ) -> None:
     ns, run = cluster_namespace, "oom"
-    with PodSteerer(kube, ns, lambda pod: fail()):
+    with PodSteerer(kube, ns, lambda pod: fail()) as steerer:
         kube.create_run(
             llavarun(
                 run,
@@ -178,11 +201,12 @@ def test_failure_message_names_the_failed_pod_and_its_exit_code(
                 retries=0,
                 run_duration="3s",
                 pod_annotations={EXIT_CODE_ANNOTATION: "137"},
+                backend=backend.kind,
             )
         )
         st = wait_run(kube, ns, run, "failed", timeout=60, phase="Failed")
     failed = condition(st, "Failed")
     assert failed["reason"] == "StageFailed"
-    pod = f"{job_name(run, 'pretrain')}-master-0"
+    (pod,) = steered_to_fail(steerer.steered)
     assert f"pod {pod}: exit code 137" in failed["message"]
-    assert f"kubectl logs -n {ns} {pod} -c pytorch" in failed["message"]
+    assert f"kubectl logs -n {ns} {pod} -c {backend.container}" in failed["message"]
