@@ -324,6 +324,10 @@ class Kube:
         return client.CoreV1Api(self.api)
 
     @cached_property
+    def batch(self) -> client.BatchV1Api:
+        return client.BatchV1Api(self.api)
+
+    @cached_property
     def rbac(self) -> client.RbacAuthorizationV1Api:
         return client.RbacAuthorizationV1Api(self.api)
 
@@ -586,16 +590,15 @@ def hang() -> dict[str, Any]:
     return {"annotations": {RUN_DURATION_ANNOTATION: "1h"}}
 
 
-def first_pod_of_each_name_hangs() -> PodRule:
-    """Pods keep Running until something deletes them; their replacements (same name) finish normally."""
-    names: set[str] = set()
+def first_pods_hang(count: int) -> PodRule:
+    """The first `count` pods keep Running until something deletes them; later pods (their
+    replacements, whatever their names: a PyTorchJob's keep theirs, a JobSet's are new) finish
+    normally."""
+    seen: list[str] = []
 
     def rule(pod: dict[str, Any]) -> Mapping[str, Any] | None:
-        name = pod["metadata"]["name"]
-        if name in names:
-            return None
-        names.add(name)
-        return hang()
+        seen.append(pod["metadata"]["name"])
+        return hang() if len(seen) <= count else None
 
     return rule
 

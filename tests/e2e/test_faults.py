@@ -1,5 +1,5 @@
 """Faults: the operator SIGKILLed mid-stage, kube-apiserver restarted mid-stage, a run deleted
-mid-stage. The training-operator and kwok keep running throughout, as in a real cluster."""
+mid-stage. The Kubeflow controllers and kwok keep running throughout, as in a real cluster."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import pytest
 
 from tests.cluster import Cluster, wait_for
 
+from .childkinds import JOBSETS, PYTORCHJOB, ChildKind
 from .support import (
     ALL_STAGES,
-    JOB_NAME_LABEL,
     LABEL_STAGE,
     Kube,
     OperatorProcess,
@@ -22,7 +22,6 @@ from .support import (
     llavarun,
     pod_labels,
     wait_events,
-    wait_job,
     wait_pods,
     wait_run,
 )
@@ -30,43 +29,45 @@ from .support import (
 pytestmark = pytest.mark.e2e
 
 
-def one_job_per_stage(kube: Kube, namespace: str, run: str, stages: tuple[str, ...]) -> None:
-    jobs = kube.jobs(namespace, run)
+def one_job_per_stage(
+    kube: Kube, backend: ChildKind, namespace: str, run: str, stages: tuple[str, ...]
+) -> None:
+    jobs = backend.jobs(kube, namespace, run)
     assert sorted(jobs) == sorted(job_name(run, s) for s in stages)
     assert sorted(iter_stage_jobs(jobs)) == sorted((run, s, 0) for s in stages)
 
 
 def test_operator_killed_mid_stage_resumes_the_run_without_duplicate_jobs(
-    kube: Kube, running_operator: OperatorProcess, cluster_namespace: str
+    kube: Kube, running_operator: OperatorProcess, cluster_namespace: str, backend: ChildKind
 ) -> None:
     """SIGKILL while pretrain runs; pretrain finishes while the operator is down; the restarted
     operator starts finetune once and the run completes."""
     ns, run = cluster_namespace, "crashy"
     pretrain = job_name(run, "pretrain")
-    kube.create_run(llavarun(run, ns, ALL_STAGES, run_duration="2s"))
-    wait_pods(kube, ns, f"{JOB_NAME_LABEL}={pretrain}", "Running")
+    kube.create_run(llavarun(run, ns, ALL_STAGES, run_duration="2s", backend=backend.kind))
+    wait_pods(kube, ns, backend.pods_of(pretrain), "Running")
     running_operator.kill()
 
-    wait_job(kube, ns, pretrain, state="Succeeded", timeout=30)  # nobody to start finetune meanwhile
-    assert job_name(run, "finetune") not in kube.jobs(ns, run)
+    backend.wait_job(kube, ns, pretrain, state="Succeeded", timeout=30)  # nobody to start finetune meanwhile
+    assert job_name(run, "finetune") not in backend.jobs(kube, ns, run)
     running_operator.start()
     wait_run(kube, ns, run, "succeeded", timeout=90, phase="Succeeded")
 
-    one_job_per_stage(kube, ns, run, ALL_STAGES)
+    one_job_per_stage(kube, backend, ns, run, ALL_STAGES)
     reasons = wait_events(kube, ns, run, "RunSucceeded")
     assert sorted(reasons) == sorted(["StageStarted", "StageSucceeded"] * 4 + ["RunSucceeded"])
 
 
 def test_operator_killed_right_after_creating_a_job_does_not_create_it_twice(
-    kube: Kube, running_operator: OperatorProcess, cluster_namespace: str
+    kube: Kube, running_operator: OperatorProcess, cluster_namespace: str, backend: ChildKind
 ) -> None:
     ns, run = cluster_namespace, "abrupt"
-    kube.create_run(llavarun(run, ns, ["prepare", "pretrain"], run_duration="2s"))
-    wait_job(kube, ns, job_name(run, "prepare"))
+    kube.create_run(llavarun(run, ns, ["prepare", "pretrain"], run_duration="2s", backend=backend.kind))
+    backend.wait_job(kube, ns, job_name(run, "prepare"))
     running_operator.kill()
     running_operator.start()
     wait_run(kube, ns, run, "succeeded", timeout=60, phase="Succeeded")
-    one_job_per_stage(kube, ns, run, ("prepare", "pretrain"))
+    one_job_per_stage(kube, backend, ns, run, ("prepare", "pretrain"))
 
 
 def test_apiserver_restart_mid_stage_is_survived_and_the_run_completes(
@@ -76,17 +77,17 @@ def test_apiserver_restart_mid_stage_is_survived_and_the_run_completes(
     stages = ("prepare", "pretrain", "finetune")
     pid = running_operator.pid
     kube.create_run(llavarun(run, ns, stages, run_duration="2s"))
-    wait_pods(kube, ns, f"{JOB_NAME_LABEL}={job_name(run, 'pretrain')}", "Running")
+    wait_pods(kube, ns, PYTORCHJOB.pods_of(job_name(run, "pretrain")), "Running")
 
     e2e_cluster.restart_apiserver(downtime=2)
     wait_run(kube, ns, run, "succeeded after the outage", timeout=120, phase="Succeeded")
 
     assert running_operator.healthy() and running_operator.pid == pid  # recovered, not restarted
-    one_job_per_stage(kube, ns, run, stages)
+    one_job_per_stage(kube, PYTORCHJOB, ns, run, stages)
 
 
 def test_deleting_a_run_mid_stage_garbage_collects_jobs_pods_services_and_rbac(
-    kube: Kube, running_operator: OperatorProcess, cluster_namespace: str
+    kube: Kube, running_operator: OperatorProcess, cluster_namespace: str, backend: ChildKind
 ) -> None:
     ns, run = cluster_namespace, "doomed"
 
@@ -94,11 +95,20 @@ def test_deleting_a_run_mid_stage_garbage_collects_jobs_pods_services_and_rbac(
         return hang() if pod_labels(pod).get(LABEL_STAGE) == "pretrain" else None
 
     with PodSteerer(kube, ns, pretrain_never_ends):
-        kube.create_run(llavarun(run, ns, ["prepare", "pretrain"], nodes={"pretrain": 2}, run_duration="3s"))
+        kube.create_run(
+            llavarun(
+                run,
+                ns,
+                ["prepare", "pretrain"],
+                nodes={"pretrain": 2},
+                run_duration="3s",
+                backend=backend.kind,
+            )
+        )
         pretrain = job_name(run, "pretrain")
-        wait_pods(kube, ns, f"{JOB_NAME_LABEL}={pretrain}", "Running", count=2)
-    assert len(kube.jobs(ns, run)) == 2
-    assert len(kube.services(ns)) >= 2  # one per pod of the running job
+        wait_pods(kube, ns, backend.pods_of(pretrain), "Running", count=2)
+    assert len(backend.jobs(kube, ns, run)) == 2
+    assert kube.services(ns)  # the job's (PyTorchJob: one per pod; TrainJob: its JobSet's headless one)
     children = [("serviceaccount", f"{run}-trainer"), ("role", f"{run}-status-writer"),
                 ("rolebinding", f"{run}-status-writer")]  # fmt: skip
     assert all(kube.exists(kind, ns, name) for kind, name in children)
@@ -106,8 +116,11 @@ def test_deleting_a_run_mid_stage_garbage_collects_jobs_pods_services_and_rbac(
     kube.delete_run(ns, run)
 
     def all_gone() -> bool:
-        leftovers = [*kube.jobs(ns), *(p["metadata"]["name"] for p in kube.pods(ns))]
+        leftovers = [*backend.jobs(kube, ns), *(p["metadata"]["name"] for p in kube.pods(ns))]
         leftovers += [s["metadata"]["name"] for s in kube.services(ns)]
+        leftovers += [j.metadata.name for j in kube.batch.list_namespaced_job(ns).items]
+        leftovers += [s["metadata"]["name"] for s in kube.custom.list_namespaced_custom_object(
+            *JOBSETS[:2], ns, JOBSETS[2])["items"]]  # fmt: skip
         leftovers += [name for kind, name in children if kube.exists(kind, ns, name)]
         return not leftovers
 
