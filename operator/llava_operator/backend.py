@@ -5,9 +5,9 @@ creationTimestamp) whatever their kind, so the plan keeps its own records on the
 everywhere: the annotations below. Everything else about a kind (its manifest, how its state is
 read, how it is suspended, where its logs are) belongs to its backend:
 
-- `backends.pytorchjob`: Kubeflow training-operator v1 PyTorchJobs (the operator's);
+- `backends.pytorchjob`: Kubeflow training-operator v1 PyTorchJobs (the operator's default);
+- `backends.trainjob`: Kubeflow Trainer v2 TrainJobs (over JobSet);
 - `backends.local`: local process groups, torchrun per attempt (`llavarun local`).
-A Kubeflow Trainer v2 TrainJob backend implements the same members.
 """
 
 from __future__ import annotations
@@ -53,6 +53,11 @@ class Backend(Protocol):
     `llavarun local`'s process supervisor) create, patch and delete what the plan says."""
 
     kind: str
+
+    def refusals(self, run: LlavaRun) -> list[str]:
+        """Why this backend cannot run `run` as written, each naming the field; [] when it can.
+        The plan reports them as InvalidSpec and creates nothing."""
+        ...
 
     def render(self, run: LlavaRun, stage: Stage, attempt: int) -> dict[str, Any]:
         """The child of one attempt of one stage, with the stage/attempt labels and the suspend and

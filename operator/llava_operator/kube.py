@@ -22,8 +22,8 @@ from .api import API_VERSION, KIND
 from .api.status import timestamp
 from .apiserver import JSON, MERGE_PATCH, ApiError, collection_path, patch_run_status, request, run_path
 from .backend import Backend
-from .backends.choice import backend_record, chosen_kind
-from .plan import Event, Plan, plan
+from .backends.choice import backend_record, chosen_kind, not_served
+from .plan import Event, Plan, plan, refused
 
 log = logging.getLogger("llavarun.operator")
 
@@ -165,19 +165,19 @@ def converge(kube: Kube, namespace: str, name: str, children: list[Mapping[str, 
     body = kube.get_run(namespace, name)
     if body is None or body["metadata"].get("deletionTimestamp"):
         return None  # children go by garbage collection (ownerReferences), no finalizer needed
-    kind = chosen_kind(body, kube.backend.kind)
-    if kind not in kube.backends:
-        log.warning("%s/%s: backend %s is not enabled in this operator", namespace, name, kind)
-        return None
-    kube = kube.using(kube.backends[kind])
-    children = [c for c in children if c.get("kind", kind) == kind]
     now = datetime.now(UTC)
-    result = plan(body, children, now, backend=kube.backend)
-    if result.wants_pods:
-        pods = {job: kube.list_pods(namespace, kube.backend.pod_selector(job)) for job in result.wants_pods}
-        result = plan(body, children, now, pods=pods, backend=kube.backend)
-    if record := backend_record(body, kind):
-        result = replace(result, status={**result.status, **record})
+    kind = chosen_kind(body, kube.backend.kind)
+    if kind in kube.backends:
+        kube = kube.using(kube.backends[kind])
+        children = [c for c in children if c.get("kind", kind) == kind]
+        result = plan(body, children, now, backend=kube.backend)
+        if result.wants_pods:
+            pods = {j: kube.list_pods(namespace, kube.backend.pod_selector(j)) for j in result.wants_pods}
+            result = plan(body, children, now, pods=pods, backend=kube.backend)
+        if record := backend_record(body, kind):
+            result = replace(result, status={**result.status, **record})
+    else:
+        result = refused(body, [not_served(body, kind, kube.backends)], now)
     try:
         apply(kube, body, result)
     except ApiError as err:

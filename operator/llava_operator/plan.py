@@ -94,14 +94,12 @@ def _records(status: Mapping[str, Any]) -> dict[str, StageStatus]:
     return out
 
 
-def _invalid(body: Mapping[str, Any], error: ValidationError, now: datetime) -> Plan:
-    """A run that cannot be read: report it, touch nothing; fixed by editing the spec."""
+def refused(body: Mapping[str, Any], problems: Iterable[str], now: datetime) -> Plan:
+    """A run that cannot be run as written: report why (condition Failed, reason InvalidSpec, one
+    Warning event), touch nothing. Fixed by editing the spec, or the operator's configuration."""
     status = body.get("status") or {}
     generation = (body.get("metadata") or {}).get("generation")
-    problems = "; ".join(
-        f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in error.errors(include_url=False)
-    )[:2048]
-    failure = (REASON_INVALID_SPEC, f"spec is invalid: {problems}")
+    failure = (REASON_INVALID_SPEC, f"spec is invalid: {'; '.join(problems)}"[:2048])
     conds = conditions(
         status.get("conditions") or [], Phase.FAILED, failure, None, timestamp(now), generation
     )
@@ -114,9 +112,13 @@ def _invalid(body: Mapping[str, Any], error: ValidationError, now: datetime) -> 
     }
     events = []
     old_failed = {c.get("type"): c for c in status.get("conditions") or []}.get(FAILED) or {}
-    if old_failed.get("reason") != REASON_INVALID_SPEC:
+    if (old_failed.get("reason"), old_failed.get("message")) != failure:
         events.append(Event(REASON_INVALID_SPEC, failure[1], "Warning"))
     return Plan(status=status_patch(status, desired), events=tuple(events), phase=Phase.FAILED.value)
+
+
+def _problems(error: ValidationError) -> list[str]:
+    return [f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in error.errors(include_url=False)]
 
 
 def plan(
@@ -136,7 +138,9 @@ def plan(
     try:
         run = LlavaRun.from_k8s({k: v for k, v in body.items() if k != "status"})
     except ValidationError as err:
-        return _invalid(body, err, now)
+        return refused(body, _problems(err), now)
+    if problems := backend.refusals(run):
+        return refused(body, problems, now)
     status = body.get("status") or {}
     records = _records(status)
     observed = observe(children, run.metadata.uid, backend)

@@ -261,6 +261,29 @@ def test_new_run_gets_status_rbac_and_first_job_all_owned_and_no_finalizer(
     assert wait_for(lambda: "StageStarted" in events(cluster, "fresh", ns), timeout=10, what="event")
 
 
+def test_a_run_on_a_backend_the_operator_does_not_serve_is_refused_until_the_spec_picks_one(
+    cluster: Cluster, operator: OperatorProcess, cluster_namespace: str
+) -> None:
+    """This operator serves PyTorchJobs only: a TrainJob run fails InvalidSpec naming spec.backend,
+    creates nothing, and runs once the user picks a served backend."""
+    ns = cluster_namespace
+    cluster.apply(run_manifest("elsewhere", ns, stages=["prepare"], backend="TrainJob"))
+    wait_status(cluster, "elsewhere", ns, "refused", phase="Failed", reason="InvalidSpec")
+    failed = condition(cluster, "elsewhere", ns, "Failed")
+    assert failed["status"] == "True" and failed["message"].startswith(
+        "spec is invalid: spec.backend: TrainJob is not served by this operator (it serves PyTorchJob)"
+    )
+    assert "backend" not in status(cluster, "elsewhere", ns)  # nothing started: nothing recorded
+    assert jobs(cluster, ns) == {} and get(cluster, "serviceaccount", "elsewhere-trainer", ns) is None
+    assert wait_for(lambda: "InvalidSpec" in events(cluster, "elsewhere", ns), timeout=10, what="event")
+
+    cluster.kubectl("patch", "llavarun", "elsewhere", "-n", ns, "--type=merge", "-p",
+                    json.dumps({"spec": {"backend": "PyTorchJob"}}))  # fmt: skip
+    wait_job(cluster, "elsewhere-prepare", ns)
+    wait_status(cluster, "elsewhere", ns, "started", phase="Pending", backend="PyTorchJob")
+    assert condition(cluster, "elsewhere", ns, "Failed")["status"] == "False"
+
+
 def test_stages_advance_in_order_to_success(
     cluster: Cluster, operator: OperatorProcess, cluster_namespace: str
 ) -> None:

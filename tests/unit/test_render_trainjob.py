@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 from functools import cache
+from pathlib import Path
 from typing import Any
 
 import jsonschema
@@ -15,6 +16,8 @@ from llava_operator.api import LlavaRun, Stage
 from llava_operator.api.spec import trainjob_refusals
 from llava_operator.backend import SPEC_HASH_ANNOTATION, SUSPEND_ANNOTATION
 from llava_operator.backends.choice import backend_record, chosen_kind
+from llava_operator.backends.local import LocalJobBackend
+from llava_operator.backends.pytorchjob import PYTORCHJOB
 from llava_operator.backends.trainjob import (
     DEFAULT_RUNTIME,
     MAIN_CONTAINER,
@@ -24,12 +27,15 @@ from llava_operator.backends.trainjob import (
     trainjob_state,
 )
 from llava_operator.jobstate import JobPhase
+from llava_operator.plan import plan
 from llava_operator.render import render_stage_job
 from pydantic import ValidationError
 
 from tests.helpers import EXAMPLES, SHARED, load_yaml
+from tests.plan_world import T0, run_body
 from tests.unit.test_render import K8S_VERSION, unknown_fields
 
+LOCAL = LocalJobBackend(Path("/data"))
 TRAINJOB_CRD = SHARED / "crds" / "trainer.kubeflow.org_trainjobs.yaml"
 
 
@@ -72,14 +78,17 @@ def run_of(**spec: Any) -> LlavaRun:
 
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.stem)
-def test_every_example_renders_valid_trainjobs(path) -> None:
+def test_every_example_renders_valid_trainjobs_or_is_refused_with_the_reason(path) -> None:
     doc = load_yaml(path)
     doc["spec"].pop("backend", None)
+    doc["spec"].pop("trainingRuntime", None)
     run = LlavaRun.model_validate(doc)
-    if trainjob_refusals(run.spec):  # e.g. a priorityClassName: refused below, with the reason
-        pytest.skip("; ".join(trainjob_refusals(run.spec)))
     for stage in run.spec.stages:
-        assert_valid_trainjob(TRAINJOB.render(run, stage, 0))
+        if trainjob_refusals(run.spec):  # e.g. the multinode example's priorityClassName
+            with pytest.raises(ValueError, match="is not supported with backend TrainJob"):
+                TRAINJOB.render(run, stage, 0)
+        else:
+            assert_valid_trainjob(TRAINJOB.render(run, stage, 0))
 
 
 def test_the_stage_contract_is_the_pytorchjobs() -> None:
@@ -166,6 +175,36 @@ def test_what_a_trainjob_cannot_honour_is_refused_with_the_reason(spec: dict[str
     with pytest.raises(ValueError, match="not supported with backend TrainJob"):
         TRAINJOB.render(run, Stage.PRETRAIN, 0)
     render_stage_job(run_of(backend="PyTorchJob", **spec), Stage.PRETRAIN)
+
+
+@pytest.mark.parametrize(
+    ("backend", "spec", "said"),
+    [
+        (
+            TRAINJOB,
+            {"placement": {"priorityClassName": "high"}},
+            "placement.priorityClassName is not supported",
+        ),
+        (TRAINJOB, {"imagePullPolicy": "Never"}, "imagePullPolicy is not supported with backend TrainJob"),
+        (PYTORCHJOB, {"trainingRuntime": "mine"}, "trainingRuntime is used only by backend TrainJob"),
+    ],
+)
+def test_a_run_the_default_backend_cannot_run_fails_invalid_spec_and_creates_nothing(
+    backend: Any, spec: dict[str, Any], said: str
+) -> None:
+    """No spec.backend, so the CRD cannot refuse it: the operator's default backend does, once."""
+    body = run_body(stages=["pretrain"], **spec)
+    result = plan(body, [], T0, backend=backend)
+    assert (result.phase, result.create, result.patch, result.delete) == ("Failed", (), (), ())
+    failed = next(c for c in result.status["conditions"] if c["type"] == "Failed")
+    assert (failed["status"], failed["reason"]) == ("True", "InvalidSpec")
+    assert failed["message"] == f"spec is invalid: {said}" or failed["message"].startswith(
+        f"spec is invalid: {said}"
+    )
+    assert [e.reason for e in result.events] == ["InvalidSpec"]
+    body["status"] = result.status
+    assert plan(body, [], T0, backend=backend).events == ()  # said once
+    assert plan(run_body(stages=["pretrain"], **spec), [], T0, backend=LOCAL).phase == "Pending"
 
 
 def tj(*conditions: tuple[str, str, str], suspend: bool = False, **jobs: int) -> dict[str, Any]:

@@ -109,6 +109,14 @@ _TRAINJOB_RULES = [
         "fieldPath": ".imagePullPolicy",
     }
 ]
+_PYTORCHJOB_RULES = [
+    {
+        "rule": "!has(self.trainingRuntime) || !has(self.backend) || self.backend == 'TrainJob'",
+        "message": "trainingRuntime is used only by backend TrainJob; this run's stages run as PyTorchJobs "
+        "(set backend: TrainJob, or remove trainingRuntime)",
+        "fieldPath": ".trainingRuntime",
+    }
+]
 
 
 class Toleration(ApiModel):
@@ -391,7 +399,12 @@ class LlavaRunSpec(ApiModel):
 
     model_config = ConfigDict(
         json_schema_extra={
-            "x-kubernetes-validations": [_STAGE_ORDER_RULE, _TASK_FINETUNE_RULE, *_TRAINJOB_RULES]
+            "x-kubernetes-validations": [
+                _STAGE_ORDER_RULE,
+                _TASK_FINETUNE_RULE,
+                *_TRAINJOB_RULES,
+                *_PYTORCHJOB_RULES,
+            ]
         }
     )
 
@@ -448,15 +461,21 @@ class LlavaRunSpec(ApiModel):
         return finetune
 
     @model_validator(mode="after")
-    def _trainjob_refusals(self) -> LlavaRunSpec:
-        if self.backend is BackendKind.TRAINJOB:
-            refused = trainjob_refusals(self)
-            if refused:
-                raise ValueError("; ".join(refused))
+    def _backend_refusals(self) -> LlavaRunSpec:
+        """The CEL rules of the chosen backend (an unset backend is the operator's to choose)."""
+        refusals = {BackendKind.TRAINJOB: trainjob_refusals, BackendKind.PYTORCHJOB: pytorchjob_refusals}
+        refused = refusals[self.backend](self) if self.backend else []
+        if refused:
+            raise ValueError("; ".join(refused))
         return self
 
     def stage_config(self, stage: Stage) -> PrepareStage | PretrainStage | FinetuneStage | EvaluateStage:
         return getattr(self, stage.value)
+
+
+def pytorchjob_refusals(spec: LlavaRunSpec) -> list[str]:
+    """Why a PyTorchJob cannot run this spec as asked (the CEL rule's message); [] when it can."""
+    return [_PYTORCHJOB_RULES[0]["message"]] if spec.training_runtime else []
 
 
 def trainjob_refusals(spec: LlavaRunSpec) -> list[str]:

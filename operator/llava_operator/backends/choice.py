@@ -3,7 +3,7 @@ started run never switches, whatever the spec or the operator's default says lat
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 LEGACY_KIND = "PyTorchJob"
@@ -24,3 +24,23 @@ def chosen_kind(body: Mapping[str, Any], default: str) -> str:
 def backend_record(body: Mapping[str, Any], kind: str) -> dict[str, Any]:
     """The status merge patch recording the backend ({} when recorded)."""
     return {} if (body.get("status") or {}).get("backend") == kind else {"backend": kind}
+
+
+def not_served(body: Mapping[str, Any], kind: str, served: Iterable[str]) -> str:
+    """Why a run whose backend is `kind` cannot run on an operator serving only `served`, naming
+    the field that chose it and what to change."""
+    served = ", ".join(served)
+    if (body.get("status") or {}).get("backend") == kind:
+        return (
+            f"status.backend: the run started on {kind}, which this operator does not serve (it serves "
+            f"{served}); serve {kind} again (operator flag --backends) to continue it"
+        )
+    if (body.get("spec") or {}).get("backend") == kind:
+        return (
+            f"spec.backend: {kind} is not served by this operator (it serves {served}); choose one of "
+            f"those, or serve {kind} (chart value backends.trainJob.enabled, operator flag --backends)"
+        )
+    return (
+        f"status: the run started before status.backend was recorded, so on {kind}, which this operator "
+        f"does not serve (it serves {served}); serve {kind} again (operator flag --backends) to continue it"
+    )

@@ -116,6 +116,10 @@ class LocalJobBackend:
     def __init__(self, data_dir: Path) -> None:
         self.data_dir = data_dir
 
+    def refusals(self, run: LlavaRun) -> list[str]:
+        """None: what a cluster backend refuses (placement, pull policy) means nothing here."""
+        return []
+
     def paths(self, run: LlavaRun) -> LocalPaths:
         return LocalPaths(self.data_dir / run.spec.paths.output)
 

@@ -15,6 +15,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from ..api import LlavaRun, Stage
+from ..api.spec import pytorchjob_refusals
 from ..backend import RunObjects, stamp, suspend_patch_at
 from ..jobstate import JobPhase, JobState
 from ..render import render_rbac, render_stage_job
@@ -134,6 +135,9 @@ class PyTorchJobBackend:
     version = "v1"
     plural = "pytorchjobs"
     kind = "PyTorchJob"
+
+    def refusals(self, run: LlavaRun) -> list[str]:
+        return pytorchjob_refusals(run.spec)
 
     def render(self, run: LlavaRun, stage: Stage, attempt: int) -> dict[str, Any]:
         job = render_stage_job(run, stage, attempt)

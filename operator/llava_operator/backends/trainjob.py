@@ -166,6 +166,9 @@ class TrainJobBackend:
     def __init__(self, runtime: str = DEFAULT_RUNTIME) -> None:
         self.runtime = runtime
 
+    def refusals(self, run: LlavaRun) -> list[str]:
+        return trainjob_refusals(run.spec)
+
     def render(self, run: LlavaRun, stage: Stage, attempt: int) -> dict[str, Any]:
         job = render_trainjob(run, stage, attempt, self.runtime)
         return stamp(job, suspend=run.spec.suspend, runs=_runs(job))
