@@ -32,11 +32,11 @@ log = logging.getLogger("llavarun.operator")
 
 REGISTRY = kopf.OperatorRegistry()
 RUNS = (GROUP, VERSION, PLURAL)
-JOBS = (PYTORCHJOB.group, PYTORCHJOB.version, PYTORCHJOB.plural)
 PREFIX = GROUP  # kopf's progress/diff-base annotations: llavarun.io/..., never kopf.zalando.org
 FINISHED = {Phase.SUCCEEDED.value, Phase.FAILED.value}
-CHILD_RESOURCES = [JOBS]
-"""Kinds of children watched: PyTorchJobs, and TrainJobs once `serve_children` added them."""
+CHILD_RESOURCES: list[tuple[str, str, str]] = []
+"""Kinds of children watched: those of the backends `serve_children` was given (a cluster without
+the training-operator has no PyTorchJob API to watch)."""
 
 
 @dataclass
@@ -67,7 +67,6 @@ def configure(settings: kopf.OperatorSettings) -> None:
     settings.networking.request_timeout = 60
 
 
-@kopf.index(*JOBS, labels={LABEL_RUN: kopf.PRESENT}, registry=REGISTRY)
 def llavarun_children(namespace: str, labels: dict[str, str], body: kopf.Body, **_: Any) -> dict[Any, Any]:
     """(namespace, run) -> the run's child jobs, as last seen by the watch."""
     keep = ("metadata", "spec", "status")
@@ -114,7 +113,6 @@ async def run_changed(
     await reconcile(memo.ctx, namespace, name, llavarun_children, "run")
 
 
-@kopf.on.event(*JOBS, labels={LABEL_RUN: kopf.PRESENT}, registry=REGISTRY)
 async def child_changed(
     namespace: str, labels: dict[str, str], memo: kopf.Memo, llavarun_children: kopf.Index, **_: Any
 ) -> None:
@@ -147,7 +145,8 @@ async def resync_forever(ctx: Context, runs: kopf.Index, children: kopf.Index) -
 
 
 def serve_children(backend: ClusterBackend) -> None:
-    """Index and watch `backend`'s children too (before `kopf.run`): same index, same handler."""
+    """Index and watch `backend`'s children (before `kopf.run`; once per served backend): every
+    kind feeds the one children index and the one child handler."""
     resource = (backend.group, backend.version, backend.plural)
     if resource in CHILD_RESOURCES:
         return

@@ -118,7 +118,12 @@ class OperatorProcess:
     """
 
     def __init__(
-        self, kubeconfig: Path, log: Path, resync_seconds: float = 2.0, backends: str = "PyTorchJob"
+        self,
+        kubeconfig: Path,
+        log: Path,
+        resync_seconds: float = 2.0,
+        backends: str = "PyTorchJob",
+        backend: str = "PyTorchJob",
     ) -> None:
         self.resync_seconds = resync_seconds
         self.liveness_port = free_port()
@@ -127,7 +132,7 @@ class OperatorProcess:
             str(Path(sys.executable).parent / "llavarun"), "operator", "--all-namespaces",
             f"--liveness-port={self.liveness_port}", f"--metrics-port={self.metrics_port}",
             "--bind-address=127.0.0.1", f"--resync-seconds={resync_seconds}", "--log-format=json",
-            f"--backends={backends}",
+            f"--backend={backend}", f"--backends={backends}",
         ]  # fmt: skip
         env = {**os.environ, "KUBECONFIG": str(kubeconfig), "PYTHONUNBUFFERED": "1"}
         env.pop("LLAVARUN_KUBECONFIG", None)
@@ -221,10 +226,11 @@ def operator_running(
     session: pytest.Session,
     resync_seconds: float = 2.0,
     backends: str = "PyTorchJob",
+    backend: str = "PyTorchJob",
 ) -> Iterator[OperatorProcess]:
-    """The operator under the chart's ServiceAccount for a fixture's lifetime; its log tail is
-    printed when tests failed meanwhile."""
-    proc = OperatorProcess(operator_kubeconfig(cluster), log, resync_seconds, backends)
+    """The operator under the chart's ServiceAccount for a fixture's lifetime (serving `backends`,
+    `backend` its default); its log tail is printed when tests failed meanwhile."""
+    proc = OperatorProcess(operator_kubeconfig(cluster), log, resync_seconds, backends, backend)
     failed_before = session.testsfailed
     proc.start()
     try:

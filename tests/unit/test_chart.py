@@ -359,9 +359,29 @@ def test_trainjob_backend_adds_exactly_its_runtime_rbac_and_flags() -> None:
     ]
 
 
-def test_trainjob_default_without_the_backend_is_refused() -> None:
-    proc = helm("template", RELEASE, str(CHART), "--set", "backends.default=TrainJob", check=False)
-    assert proc.returncode != 0 and "backends.trainJob.enabled" in proc.stderr
+def test_trainer_v2_only_serves_and_grants_trainjobs_alone() -> None:
+    """A cluster without the training-operator: no PyTorchJob watch, no PyTorchJob permissions."""
+    objs = render(*TRAINJOB_ON, "backends.default=TrainJob", "backends.pyTorchJob.enabled=false")
+    rules = rules_of(one(objs, "ClusterRole", "lr-llavarun-operator"))
+    assert not [r for r in rules if r[1] == "pytorchjobs"] and [r for r in rules if r[1] == "trainjobs"]
+    args = one(objs, "Deployment")["spec"]["template"]["spec"]["containers"][0]["args"]
+    parsed = operator_main.build_parser().parse_args(args[1:])
+    assert operator_main.served_kinds(parsed.backend, parsed.backends) == ["TrainJob"]
+
+
+@pytest.mark.parametrize(
+    ("values", "said"),
+    [
+        (("backends.default=TrainJob",), "backends.default TrainJob needs backends.trainJob.enabled"),
+        (
+            ("backends.pyTorchJob.enabled=false",),
+            "backends.default PyTorchJob needs backends.pyTorchJob.enabled",
+        ),
+    ],
+)
+def test_a_default_backend_that_is_not_enabled_is_refused(values: tuple[str, ...], said: str) -> None:
+    proc = helm("template", RELEASE, str(CHART), *(a for v in values for a in ("--set", v)), check=False)
+    assert proc.returncode != 0 and said in proc.stderr
 
 
 def test_training_runtime_is_valid_restricted_and_fails_fast() -> None:

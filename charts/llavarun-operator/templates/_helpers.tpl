@@ -48,6 +48,14 @@ What the operator does in the namespaces it serves. Each rule is needed; see doc
 Creating the per-run Role/RoleBinding (patch llavaruns/status of one run) requires holding
 those permissions ourselves: RBAC escalation prevention, hence llavaruns/status get+patch.
 */}}
+{{/* The backends the operator serves, comma-separated (the kinds whose children it watches). */}}
+{{- define "llavarun-operator.servedBackends" -}}
+{{- $served := list }}
+{{- if .Values.backends.pyTorchJob.enabled }}{{ $served = append $served "PyTorchJob" }}{{ end }}
+{{- if .Values.backends.trainJob.enabled }}{{ $served = append $served "TrainJob" }}{{ end }}
+{{- join "," $served }}
+{{- end }}
+
 {{- define "llavarun-operator.namespacedRules" -}}
 - apiGroups: ["llavarun.io"]
   resources: ["llavaruns"]
@@ -55,9 +63,11 @@ those permissions ourselves: RBAC escalation prevention, hence llavaruns/status 
 - apiGroups: ["llavarun.io"]
   resources: ["llavaruns/status"]
   verbs: ["get", "patch"]
+{{- if .Values.backends.pyTorchJob.enabled }}
 - apiGroups: ["kubeflow.org"]
   resources: ["pytorchjobs"]
   verbs: ["create", "get", "list", "watch", "patch", "delete"]
+{{- end }}
 {{- if .Values.backends.trainJob.enabled }}
 - apiGroups: ["trainer.kubeflow.org"]
   resources: ["trainjobs"]
