@@ -74,6 +74,11 @@ TRAINER_CRDS = (
 )
 #: The RBAC users the JobSet and trainer controllers run as (client certificates from the test
 #: PKI), bound to the ClusterRoles their modules ship.
+TRAINER_NAMESPACE = "kubeflow-system"
+#: Port name of Trainer v2's runtime status server (TrainJobStatus) in ``Cluster.ports``.
+TRAINER_STATUS_PORT = "trainer-status"
+#: Where that server reads its serving certificate, whatever $TMPDIR says.
+FIXED_CERT_DIR = "/tmp/k8s-webhook-server/serving-certs"
 JOBSET_USER = "jobset-controller-manager"
 TRAINER_USER = "kubeflow-trainer-controller-manager"
 
@@ -190,6 +195,8 @@ class Cluster:
         self.procs: dict[str, Process] = {}
         self.components: set[str] = set()
         self.ports: dict[str, int] = {}
+        self.trainer_status_server = False
+        """Whether Trainer v2 runs its runtime status server (TrainJobStatus; needs mount namespaces)."""
         self._service_account_admission = False
         self._lock = threading.RLock()
 
@@ -507,7 +514,10 @@ class Cluster:
             f"--tls-cert-file={p.apiserver_crt}",
             f"--tls-private-key-file={p.apiserver_key}",
             f"--client-ca-file={p.ca_crt}",
-            "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
+            # The apiserver's own URL, so OIDC discovery of the issuer works from this host (Trainer
+            # v2's status server verifies trainer tokens that way).
+            f"--service-account-issuer={self.issuer}",
+            f"--service-account-jwks-uri={self.issuer}/openid/v1/jwks",
             f"--service-account-key-file={p.sa_pub}",
             f"--service-account-signing-key-file={p.sa_key}",
             f"--service-cluster-ip-range={SERVICE_CIDR}",
@@ -733,6 +743,11 @@ class Cluster:
 
         proc.wait_until(defaulted, 60, "the JobSet defaulting webhook")
 
+    @property
+    def issuer(self) -> str:
+        """The service-account token issuer: this apiserver's URL."""
+        return f"https://127.0.0.1:{self.ports['apiserver']}"
+
     def _start_trainer(self) -> None:
         home = self.workdir / TRAINER
         self._install_crds(TRAINER_CRDS)
@@ -740,8 +755,9 @@ class Cluster:
         # Its webhook server's cert dir is not configurable: controller-runtime's default,
         # $TMPDIR/k8s-webhook-server/serving-certs (where the Secret is mounted in its pod).
         tmp = home / "tmp"
-        self._serving_cert(tmp / "k8s-webhook-server" / "serving-certs")
-        for port in ("trainer-webhook", "trainer-health"):
+        cert_dir = tmp / "k8s-webhook-server" / "serving-certs"
+        self._serving_cert(cert_dir)
+        for port in ("trainer-webhook", "trainer-health", TRAINER_STATUS_PORT):
             self.ports[port] = free_port()
         config = {
             "apiVersion": "config.trainer.kubeflow.org/v1alpha1",
@@ -752,15 +768,21 @@ class Cluster:
             "leaderElection": {"leaderElect": False},
             "certManagement": {"enable": False},
         }
+        argv = [
+            self._bin("trainer-controller-manager"),
+            f"--config={home / 'config.yaml'}",
+            f"--kubeconfig={kubeconfig}",
+            "--zap-log-level=info",
+        ]
+        self.trainer_status_server = _can_unshare_mounts()
+        if self.trainer_status_server:
+            config["featureGates"] = {"TrainJobStatus": True}
+            config["statusServer"] = {"port": self.ports[TRAINER_STATUS_PORT]}
+            argv = self._trainer_status_wrapper(home, cert_dir, argv)
         (home / "config.yaml").write_text(yaml.safe_dump(config))
         proc = Process(
             TRAINER,
-            [
-                self._bin("trainer-controller-manager"),
-                f"--config={home / 'config.yaml'}",
-                f"--kubeconfig={kubeconfig}",
-                "--zap-log-level=info",
-            ],
+            argv,
             self.logs_dir / "trainer-controller-manager.log",
             env=dict(os.environ, TMPDIR=str(tmp)),
         )
@@ -776,6 +798,43 @@ class Cluster:
             return res.returncode != 0 and "admission webhook" in res.stderr and "denied" in res.stderr
 
         proc.wait_until(refused, 60, "the TrainJob validating webhook")
+
+    def _trainer_status_wrapper(self, home: Path, cert_dir: Path, argv: list[str]) -> list[str]:
+        """Run the manager with what its runtime status server (feature gate TrainJobStatus) reads
+        from fixed in-pod paths: a service-account token (only its issuer is read, to discover the
+        apiserver's OIDC keys), its namespace, and /tmp/k8s-webhook-server/serving-certs. They are
+        mounted in a private mount namespace of the manager alone (a tmpfs over /run), never on
+        this host, where the only trace is the empty mount point under /tmp.
+
+        The webhook serving certificate's Secret in that namespace gives TrainJobs their CA
+        (`<trainjob>-tls-config`); the manager's user may read the issuer's discovery documents."""
+        self.apply(
+            [
+                {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": TRAINER_NAMESPACE}},
+                {"apiVersion": "v1", "kind": "ServiceAccount",
+                 "metadata": {"name": TRAINER_USER, "namespace": TRAINER_NAMESPACE}},
+                {"apiVersion": "v1", "kind": "Secret", "type": "kubernetes.io/tls",
+                 "metadata": {"name": "kubeflow-trainer-webhook-cert", "namespace": TRAINER_NAMESPACE},
+                 "data": {"ca.crt": _b64(self.pki.ca_crt), "tls.crt": _b64(cert_dir / "tls.crt"),
+                          "tls.key": _b64(cert_dir / "tls.key")}},
+                {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
+                 "metadata": {"name": f"{TRAINER_USER}-issuer-discovery"},
+                 "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole",
+                             "name": "system:service-account-issuer-discovery"},
+                 "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": TRAINER_USER}]},
+            ]
+        )  # fmt: skip
+        token = home / "sa-token"
+        token.write_text(self.create_token(TRAINER_NAMESPACE, TRAINER_USER, expiration_seconds=86400))
+        Path(FIXED_CERT_DIR).mkdir(parents=True, exist_ok=True)
+        script = (
+            "set -e; mount -t tmpfs tmpfs /run; mkdir -p /run/secrets/kubernetes.io/serviceaccount; "
+            'cp "$1" /run/secrets/kubernetes.io/serviceaccount/token; '
+            f"printf {TRAINER_NAMESPACE} > /run/secrets/kubernetes.io/serviceaccount/namespace; "
+            f'mount --bind "$2" {FIXED_CERT_DIR}; shift 2; exec "$@"'
+        )
+        return ["unshare", "--mount", "--propagation", "private", "--", "sh", "-c", script, "sh",
+                str(token), str(cert_dir), *argv]  # fmt: skip
 
     def _install_crds(self, names: Sequence[str]) -> None:
         """Server-side apply CRDs ``<plural>.<group>`` from share/ (``<group>_<plural>.yaml``), wait for them."""
@@ -962,6 +1021,21 @@ def _probe_trainjob() -> dict[str, Any]:
         "metadata": {"name": "admission-probe", "namespace": "default"},
         "spec": {"runtimeRef": {"name": "llavarun-admission-probe-absent"}},
     }
+
+
+def _can_unshare_mounts() -> bool:
+    """Whether this process may make a private mount namespace and mount in it (root, or a
+    kernel allowing it), which the Trainer v2 status server's wrapper needs."""
+    try:
+        probe = subprocess.run(
+            ["unshare", "--mount", "--propagation", "private", "--", "sh", "-c", "mount -t tmpfs tmpfs /run"],
+            capture_output=True,
+            timeout=10,
+            check=False,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return probe.returncode == 0
 
 
 def _b64(path: Path) -> str:

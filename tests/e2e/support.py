@@ -294,6 +294,49 @@ def llavarun(
     }
 
 
+def tiny_pretrain(namespace: str, name: str, **spec: Any) -> dict[str, Any]:
+    """examples/llavarun-tiny.yaml's pretrain on one CPU process, 2 optimizer steps (on the data of
+    `synth_data_dir`); its kwok pod "trains" for 10 minutes."""
+    return llavarun(
+        name, namespace, ["pretrain"], run_duration="10m",
+        accelerator={"profile": "cpu"},
+        # CPU pods may use the (tainted) GPU nodes: kwok has no others.
+        placement={"tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]},
+        paths={"languageModel": "LLaVA-Pretrain/checkpoints/vicuna-13b-v1.5",
+               "visionTower": "LLaVA-Pretrain/checkpoints/clip-vit-large-patch14-336"},
+        pretrain={"globalBatchSize": 4, "microBatchSize": 4, "maxSteps": 3, "maxLength": 256, "precision": "fp32",
+                  "gradientCheckpointing": False, "dataloaderWorkers": 0, "saveSteps": 2,
+                  "resources": {"nodes": 1, "gpusPerNode": 1, "cpu": "2", "memory": "4Gi", "shmSize": "256Mi"}},
+        **spec,
+    )  # fmt: skip
+
+
+def synth_data_dir(parent: Path) -> Path:
+    """A tiny data_dir in the real layout (`llava-trainer synth`, 8 samples) under `parent`."""
+    out = parent / "data"
+    subprocess.run(
+        [str(Path(sys.executable).parent / "llava-trainer"), "synth", "--out", str(out), "--samples", "8"],
+        check=True, capture_output=True, timeout=180,
+    )  # fmt: skip
+    return out
+
+
+def run_token_kubeconfig(cluster: Cluster, namespace: str, run: str) -> Path:
+    """A kubeconfig with a token of the run's operator-made ServiceAccount (`<run>-trainer`), once
+    that token may write the run's status (the Role and RoleBinding follow the first job)."""
+    token = cluster.create_token(namespace, f"{run}-trainer", expiration_seconds=600)
+    kubeconfig = cluster.kubeconfig_for_token(token, namespace=namespace)
+    with cluster.api_client(kubeconfig) as api:
+        custom = client.CustomObjectsApi(api)
+        wait_for(
+            lambda: custom.patch_namespaced_custom_object_status(GROUP, VERSION, namespace, PLURAL, run, {}),
+            timeout=30,
+            interval=0.2,
+            what=f"{run}-trainer allowed to patch its run's status",
+        )
+    return kubeconfig
+
+
 def job_name(run: str, stage: str, attempt: int = 0) -> str:
     return f"{run}-{stage}" if attempt == 0 else f"{run}-{stage}-r{attempt}"
 

@@ -25,27 +25,24 @@ from llava_operator.trainer_command import trainer_args
 
 from tests.cluster import Cluster, wait_for
 
-from .support import GROUP, PLURAL, VERSION, Kube, OperatorProcess, job_name, llavarun, wait_job, wait_run
+from .support import (
+    GROUP,
+    PLURAL,
+    VERSION,
+    Kube,
+    OperatorProcess,
+    job_name,
+    run_token_kubeconfig,
+    synth_data_dir,
+    tiny_pretrain,
+    wait_job,
+    wait_run,
+)
 
 pytestmark = pytest.mark.e2e
 
 VENV_BIN = Path(sys.executable).parent
 RUN = "reporter"
-
-
-def tiny_pretrain(namespace: str, name: str) -> dict[str, Any]:
-    """examples/llavarun-tiny.yaml's pretrain on one CPU process, 2 optimizer steps."""
-    return llavarun(
-        name, namespace, ["pretrain"], run_duration="10m",
-        accelerator={"profile": "cpu"},
-        # CPU pods may use the (tainted) GPU nodes: kwok has no others.
-        placement={"tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]},
-        paths={"languageModel": "LLaVA-Pretrain/checkpoints/vicuna-13b-v1.5",
-               "visionTower": "LLaVA-Pretrain/checkpoints/clip-vit-large-patch14-336"},
-        pretrain={"globalBatchSize": 4, "microBatchSize": 4, "maxSteps": 3, "maxLength": 256, "precision": "fp32",
-                  "gradientCheckpointing": False, "dataloaderWorkers": 0, "saveSteps": 2,
-                  "resources": {"nodes": 1, "gpusPerNode": 1, "cpu": "2", "memory": "4Gi", "shmSize": "256Mi"}},
-    )  # fmt: skip
 
 
 def pod_env(job: dict[str, Any]) -> dict[str, str]:
@@ -66,12 +63,7 @@ def namespace(e2e_cluster: Cluster) -> Iterator[str]:
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("synth") / "data"
-    subprocess.run(
-        [str(VENV_BIN / "llava-trainer"), "synth", "--out", str(out), "--samples", "8"],
-        check=True, capture_output=True, timeout=180,
-    )  # fmt: skip
-    return out
+    return synth_data_dir(tmp_path_factory.mktemp("synth"))
 
 
 @pytest.fixture(scope="module")
@@ -81,17 +73,7 @@ def trainer_kubeconfig(e2e_cluster: Cluster, namespace: str, kube: Kube, operato
         operator.start()
     kube.create_run(tiny_pretrain(namespace, RUN))
     wait_job(kube, namespace, job_name(RUN, "pretrain"))
-    token = e2e_cluster.create_token(namespace, f"{RUN}-trainer", expiration_seconds=600)
-    kubeconfig = e2e_cluster.kubeconfig_for_token(token, namespace=namespace)
-    # The Role and RoleBinding follow the job; wait until the token may write (an empty patch).
-    with e2e_cluster.api_client(kubeconfig) as api:
-        custom = client.CustomObjectsApi(api)
-        wait_for(
-            lambda: custom.patch_namespaced_custom_object_status(GROUP, VERSION, namespace, PLURAL, RUN, {}),
-            timeout=30,
-            interval=0.2,
-            what=f"{RUN}-trainer allowed to patch its run's status",
-        )
+    kubeconfig = run_token_kubeconfig(e2e_cluster, namespace, RUN)
     return kubeconfig
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from llava_operator.api.status import LlavaRunStatus, timestamp
 from llava_operator.apiserver import ApiError
-from llava_trainer.status import FileSink, KubernetesSink, StatusReporter
+from llava_trainer.status import FileSink, KubernetesSink, StatusReporter, TrainerStatusSink, trainer_status
 
 pytestmark = pytest.mark.trainer
 
@@ -249,3 +249,34 @@ def test_times_are_written_as_the_operator_writes_them(tmp_path: Path) -> None:
     written = json.loads(path.read_text())["progress"]["lastUpdate"]
     assert before <= written <= timestamp()
     assert timestamp(datetime.fromisoformat(written)) == written
+
+
+# --- Kubeflow Trainer v2's trainerStatus --------------------------------------------------------
+
+
+def test_trainer_status_maps_progress_and_adds_the_stages_result_numbers() -> None:
+    status = {
+        "progress": {"stage": "finetune", "attempt": 1, "step": 50, "totalSteps": 200, "percent": 25,
+                     "loss": 1.2345678, "samplesPerSecond": 12.5, "etaSeconds": 3600, "mfu": 41.0,
+                     "lastUpdate": "2026-11-30T12:00:00Z", "gpuMemoryGib": None},
+        "results": {"finetune": {"finalLoss": 0.9, "samplesPerSecond": 11.0, "checkpoint": "/data/x"},
+                    "pretrain": {"finalLoss": 2.0}},
+    }  # fmt: skip
+    out = trainer_status(status)
+    assert (out["progressPercentage"], out["estimatedRemainingSeconds"]) == (25, 3600)
+    assert out["lastUpdatedTime"] == "2026-11-30T12:00:00Z"
+    assert {m["name"]: m["value"] for m in out["metrics"]} == {
+        "step": "50", "totalSteps": "200", "loss": "1.23457", "samplesPerSecond": "12.5", "mfu": "41",
+        "finalLoss": "0.9",  # this stage's result; the progress keeps samplesPerSecond; no strings
+    }  # fmt: skip
+    assert trainer_status({}) == {"metrics": []}
+
+
+def test_trainer_status_sink_needs_the_whole_injected_environment() -> None:
+    url = {"KUBEFLOW_TRAINER_SERVER_URL": "https://trainer.svc:10443/apis/trainer.kubeflow.org/v1alpha1/x"}
+    assert TrainerStatusSink.from_env({}) is None
+    assert TrainerStatusSink.from_env(url) is None  # no CA and token: said once, not reported there
+    env = {**url, "KUBEFLOW_TRAINER_SERVER_CA_CERT": "/ca.crt", "KUBEFLOW_TRAINER_SERVER_TOKEN": "/token"}
+    reporter = StatusReporter.from_env({**env, "RANK": "0"})
+    assert [type(s) for s in reporter.sinks] == [TrainerStatusSink]
+    assert StatusReporter.from_env({**env, "RANK": "3"}).sinks == []

@@ -11,7 +11,11 @@ Where the reporter writes is decided by the environment the operator (or the loc
   or a kubeconfig from `LLAVARUN_KUBECONFIG` / `KUBECONFIG`): merge-patch the `llavaruns/status`
   subresource of that one run;
 - `LLAVARUN_STATUS_FILE`: merge into that JSON file (atomically: temporary file + rename);
-- neither: do nothing. Only global rank 0 reports (`RANK` unset or 0).
+- `KUBEFLOW_TRAINER_SERVER_URL` (+ `_CA_CERT`, `_TOKEN` file paths), injected by Kubeflow Trainer
+  v2 into a TrainJob's pods when its `TrainJobStatus` feature gate is on: also post the progress
+  to the TrainJob's `status.trainerStatus`, so Kubeflow's own tools show it (the LlavaRun status
+  stays the one users read);
+- none: do nothing. Only global rank 0 reports (`RANK` unset or 0).
 
 `LLAVARUN_STAGE` and `LLAVARUN_ATTEMPT` fill `progress.stage` / `progress.attempt`; `LLAVARUN_JOB`
 names the PyTorchJob in log messages.
@@ -19,12 +23,16 @@ names the PyTorchJob in log messages.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
 import os
+import ssl
 import tempfile
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, get_args
@@ -144,6 +152,94 @@ class KubernetesSink:
         return f"KubernetesSink({self.namespace}/{self.name})"
 
 
+TRAINER_STATUS_FIELDS = {"percent": "progressPercentage", "etaSeconds": "estimatedRemainingSeconds"}
+"""Progress fields with a place of their own in a TrainJob's trainerStatus; the other numbers of
+`Progress` (loss, learningRate, samplesPerSecond, mfu, ...) become its `metrics`."""
+TRAINER_STATUS_SKIPPED = {"stage", "attempt", "lastUpdate"}
+MAX_METRICS = 256  # the TrainJob API's limits: 256 metrics, names and values of 1-64 characters
+MAX_METRIC_TEXT = 64
+
+
+def trainer_status(status: Mapping[str, Any]) -> dict[str, Any]:
+    """A TrainJob's `trainerStatus` (Kubeflow Trainer v2, KEP-2779) from a LlavaRun status: its
+    progress, and the numbers of the stage's results once written that progress has not (e.g.
+    `finalLoss`, `steps`, MMMU's `overall`). Metric values are strings, 6 significant digits."""
+    progress = dict(status.get("progress") or {})
+    out: dict[str, Any] = {}
+    metrics: dict[str, str] = {}
+    for key, value in progress.items():
+        if key in TRAINER_STATUS_FIELDS and value is not None:
+            out[TRAINER_STATUS_FIELDS[key]] = max(0, int(value))
+        elif (
+            key not in TRAINER_STATUS_SKIPPED
+            and isinstance(value, int | float)
+            and not isinstance(value, bool)
+        ):
+            metrics[key] = f"{value:.6g}"
+    stage = progress.get("stage")
+    results = (status.get("results") or {}).get(stage) or {} if stage else {}
+    for key, value in results.items():  # a name both have keeps the progress' (the latest window)
+        if key not in metrics and isinstance(value, int | float) and not isinstance(value, bool):
+            metrics[key] = f"{value:.6g}"
+    out["metrics"] = [
+        {"name": k[:MAX_METRIC_TEXT], "value": v[:MAX_METRIC_TEXT]}
+        for k, v in list(metrics.items())[:MAX_METRICS]
+    ]
+    if progress.get("lastUpdate"):
+        out["lastUpdatedTime"] = progress["lastUpdate"]
+    return out
+
+
+class TrainerStatusSink:
+    """POSTs `trainerStatus` to the status endpoint Kubeflow Trainer v2 injects into a TrainJob's
+    pods (URL, CA file and a projected service-account token file whose audience is that TrainJob)."""
+
+    min_interval = MIN_PATCH_INTERVAL_S
+
+    def __init__(self, url: str, ca_file: str, token_file: str) -> None:
+        self.url, self.ca_file, self.token_file = url, ca_file, token_file
+        self.status: dict[str, Any] = {}
+        """The LlavaRun status as far as this sink has been told (its patches merged)."""
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> TrainerStatusSink | None:
+        url = env.get("KUBEFLOW_TRAINER_SERVER_URL")
+        if not url:
+            return None
+        ca, token = env.get("KUBEFLOW_TRAINER_SERVER_CA_CERT"), env.get("KUBEFLOW_TRAINER_SERVER_TOKEN")
+        if not ca or not token:
+            log.warning(
+                "status: KUBEFLOW_TRAINER_SERVER_URL without _CA_CERT and _TOKEN; not reporting there"
+            )
+            return None
+        return cls(url, ca, token)
+
+    def write(self, status_patch: dict[str, Any]) -> None:
+        """Raises OSError (urllib's errors included) naming the endpoint's answer on failure."""
+        self.status = merge_patch(self.status, status_patch)
+        body = json.dumps({"trainerStatus": trainer_status(self.status)}).encode()
+        # Read the token on every write: the kubelet rotates projected tokens.
+        token = Path(self.token_file).read_text().strip()
+        request = urllib.request.Request(
+            self.url,
+            data=body,
+            method="POST",
+            headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
+        )
+        context = ssl.create_default_context(cafile=self.ca_file)
+        try:
+            with urllib.request.urlopen(request, timeout=REQUEST_TIMEOUT_S, context=context):
+                pass
+        except urllib.error.HTTPError as err:
+            answer = err.read().decode(errors="replace")
+            with contextlib.suppress(ValueError, AttributeError):  # a metav1.Status says why
+                answer = json.loads(answer).get("message") or answer
+            raise OSError(f"{self.url} answered {err.code}: {answer[:300]}") from None
+
+    def __repr__(self) -> str:
+        return f"TrainerStatusSink({self.url})"
+
+
 class StatusReporter:
     """Writes `status.progress` (throttled) and `status.results.<stage>` through its sinks."""
 
@@ -183,6 +279,8 @@ class StatusReporter:
                     log.warning("status: cannot reach the apiserver for %s/%s: %s", namespace, name, err)
             if env.get("LLAVARUN_STATUS_FILE"):
                 sinks.append(FileSink(Path(env["LLAVARUN_STATUS_FILE"])))
+            if trainer_sink := TrainerStatusSink.from_env(env):
+                sinks.append(trainer_sink)
             log.info("status: reporting to %s", sinks or "nowhere")
         return cls(
             sinks,
