@@ -8,6 +8,8 @@ import sys
 from pathlib import Path
 
 from . import yamlio
+from .backends import CLUSTER_KINDS
+from .backends.trainjob import DEFAULT_RUNTIME
 
 COMMANDS: dict[str, str] = {
     "crd": "Print the LlavaRun CustomResourceDefinition generated from the API models",
@@ -33,20 +35,19 @@ def _crd(args: argparse.Namespace) -> int:
 
 
 def _render(args: argparse.Namespace) -> int:
+    """What the operator creates for each run, as it creates it: the backend's per-run objects,
+    then each stage's first attempt (with the annotations the operator's plan keeps)."""
     from .api import Stage
-    from .backends.trainjob import render_trainjob
-    from .render import render_all, render_rbac
+    from .backends import cluster_backends, render_run
     from .validate import load_runs
 
+    backends = cluster_backends(args.training_runtime)
     out = []
     for run in load_runs(yamlio.read_documents(args.file)):
         if args.stage and Stage(args.stage) not in run.spec.stages:
             raise ValueError(f"LlavaRun {run.name}: stage {args.stage!r} is not in spec.stages")
         stages = [Stage(args.stage)] if args.stage else list(run.spec.stages)
-        if (run.spec.backend or args.backend) == "TrainJob":
-            out += [*render_rbac(run), *(render_trainjob(run, s, 0, args.training_runtime) for s in stages)]
-        else:
-            out += render_all(run, stages)
+        out += render_run(backends[run.spec.backend or args.backend], run, stages)
     sys.stdout.write(yamlio.dump_all(out))
     return 0
 
@@ -86,13 +87,13 @@ def build_parser() -> argparse.ArgumentParser:
     render.add_argument("--stage", choices=["prepare", "pretrain", "finetune", "evaluate"])
     render.add_argument(
         "--backend",
-        choices=["PyTorchJob", "TrainJob"],
-        default="PyTorchJob",
+        choices=CLUSTER_KINDS,
+        default=CLUSTER_KINDS[0],
         help="The operator's default backend, for runs without spec.backend (default: %(default)s)",
     )
     render.add_argument(
         "--training-runtime",
-        default="llavarun-torch",
+        default=DEFAULT_RUNTIME,
         metavar="NAME",
         help="TrainJob: the operator's ClusterTrainingRuntime, for runs without spec.trainingRuntime",
     )

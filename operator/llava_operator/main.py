@@ -13,10 +13,9 @@ import sys
 import kopf
 
 from . import metrics
-from .backends.pytorchjob import PYTORCHJOB
-from .backends.trainjob import DEFAULT_RUNTIME, TrainJobBackend
-
-BACKENDS = ("PyTorchJob", "TrainJob")
+from .backends import CLUSTER_KINDS as BACKENDS
+from .backends import cluster_backends
+from .backends.trainjob import DEFAULT_RUNTIME
 
 
 def served_kinds(default: str, listed: str) -> list[str]:
@@ -103,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from .handlers import REGISTRY, Context, serve_children
 
-    available = {"PyTorchJob": PYTORCHJOB, "TrainJob": TrainJobBackend(args.training_runtime)}
+    available = cluster_backends(args.training_runtime)
     default, *others = (available[k] for k in served_kinds(args.backend, args.backends))
     for backend in (default, *others):
         serve_children(backend)

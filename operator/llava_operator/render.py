@@ -201,9 +201,3 @@ def render_stage_job(run: LlavaRun, stage: Stage, attempt: int = 0) -> dict[str,
     job["replicas"] = replicas
     (manifest,) = _render("pytorchjob.yaml.j2", job=job, pod=pod, owner=owner_reference(run))
     return manifest
-
-
-def render_all(run: LlavaRun, stages: list[Stage] | None = None) -> list[dict[str, Any]]:
-    """Everything `llavarun render` shows: the RBAC objects, then each stage's first attempt."""
-    chosen = stages or list(run.spec.stages)
-    return [*render_rbac(run), *(render_stage_job(run, s) for s in chosen)]

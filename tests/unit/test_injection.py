@@ -6,7 +6,8 @@ import copy
 from typing import Any
 
 from llava_operator.api import LlavaRun
-from llava_operator.render import render_all
+from llava_operator.backends import render_run
+from llava_operator.backends.pytorchjob import PYTORCHJOB
 from llava_operator.yamlio import dump_all, load_documents
 
 from tests.helpers import EXAMPLES, load_yaml
@@ -56,9 +57,9 @@ def with_strings(values: list[str]) -> dict[str, Any]:
 
 
 def test_hostile_strings_render_to_the_benign_structure():
-    benign = render_all(LlavaRun.model_validate(with_strings([f"benign-{i}" for i in range(5)])))
+    benign = render_run(PYTORCHJOB, LlavaRun.model_validate(with_strings([f"benign-{i}" for i in range(5)])))
     hostile_run = LlavaRun.model_validate(with_strings(EVIL))
-    hostile = render_all(hostile_run)
+    hostile = render_run(PYTORCHJOB, hostile_run)
     SAFE_KEYS.update(k for obj in benign for k in _keys(obj))
     assert skeleton(hostile) == skeleton(benign)
     rendered_strings = set(strings_of(hostile))

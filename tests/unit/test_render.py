@@ -10,7 +10,9 @@ import jsonschema
 import kubernetes_validate
 import pytest
 from llava_operator.api import LlavaRun, Stage
-from llava_operator.render import render_all, render_rbac, render_stage_job
+from llava_operator.backends import render_run
+from llava_operator.backends.pytorchjob import PYTORCHJOB
+from llava_operator.render import render_rbac, render_stage_job
 
 from tests.helpers import EXAMPLES, PYTORCHJOB_CRD, load_yaml
 
@@ -66,7 +68,7 @@ def run_from(path) -> LlavaRun:
 @pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.stem)
 def test_every_example_renders_valid_objects(path):
     run = run_from(path)
-    objects = render_all(run)
+    objects = render_run(PYTORCHJOB, run)
     jobs = [o for o in objects if o["kind"] == "PyTorchJob"]
     assert [j["metadata"]["labels"]["llavarun.io/stage"] for j in jobs] == [s.value for s in run.spec.stages]
     for job in jobs:
@@ -150,7 +152,7 @@ def test_owner_references_point_at_the_run_once_it_has_a_uid():
     doc = copy.deepcopy(load_yaml(EXAMPLES[0]))
     doc["metadata"].update(uid="1234", namespace="team-a")
     run = LlavaRun.model_validate(doc)
-    for obj in render_all(run):
+    for obj in render_run(PYTORCHJOB, run):
         (owner,) = obj["metadata"]["ownerReferences"]
         assert owner["uid"] == "1234" and owner["controller"] is True and owner["kind"] == "LlavaRun"
         assert obj["metadata"]["namespace"] == "team-a"
