@@ -10,6 +10,7 @@ move a job, look at what the operator did.
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -46,12 +47,17 @@ class World:
         """A job's pods, by job name (what listing its pod selector answers)."""
         self.now = T0
         self.creates = 0
+        self.rejecting: dict[str, str] = {}
+        """Jobs the apiserver refuses to create (as an admission webhook would), by name: why."""
 
     # --- the operator side -----------------------------------------------------------------------
 
-    def plan(self, children: list[dict[str, Any]] | None = None, pods: Any = None) -> Plan:
+    def plan(
+        self, children: list[dict[str, Any]] | None = None, pods: Any = None, rejected: Any = None
+    ) -> Plan:
         seen = list(self.jobs.values()) if children is None else children
-        return plan(copy.deepcopy(self.run), copy.deepcopy(seen), self.now, pods=pods, backend=PYTORCHJOB)
+        body, seen = copy.deepcopy(self.run), copy.deepcopy(seen)
+        return plan(body, seen, self.now, pods=pods, backend=PYTORCHJOB, rejected=rejected)
 
     def apply(self, p: Plan) -> Plan:
         """In the operator's order (kube.apply): creates, patches, deletes, status, events."""
@@ -76,7 +82,13 @@ class World:
     def reconcile(self, pods: Any = None) -> Plan:
         p = self.plan(pods=pods)
         if p.wants_pods and pods is None:
-            p = self.plan(pods={name: self.pods.get(name, []) for name in p.wants_pods})
+            pods = {name: self.pods.get(name, []) for name in p.wants_pods}
+            p = self.plan(pods=pods)
+        refused = {o["metadata"]["name"]: self.rejecting[o["metadata"]["name"]]
+                   for o in p.create if o["metadata"]["name"] in self.rejecting}  # fmt: skip
+        if refused:  # as kube.converge: plan again knowing why, create the rest
+            p = self.plan(pods=pods, rejected=refused)
+            p = replace(p, create=tuple(o for o in p.create if o["metadata"]["name"] not in refused))
         return self.apply(p)
 
     def settle(self) -> None:

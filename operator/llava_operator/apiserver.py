@@ -38,6 +38,12 @@ class ApiError(Exception):
         self.message = message
 
     @property
+    def rejected(self) -> bool:
+        """The object itself was refused (its schema, or an admission webhook denied it), as
+        opposed to an outage or missing permissions: creating it again unchanged fails the same way."""
+        return self.status in (400, 422) or (self.status == 403 and "denied the request" in str(self.message))
+
+    @property
     def namespace_terminating(self) -> bool:
         """Creation refused because the namespace is being (or was) deleted: its runs go with it."""
         gone = self.status == 404 and str(self.message).startswith("namespaces ")

@@ -23,6 +23,7 @@ from .children import Child
 from .conditions import (
     ATTEMPT_REPLACED,
     REASON_BACKOFF_LIMIT,
+    REASON_JOB_REJECTED,
     REASON_QUEUED,
     REASON_STAGE_FAILED,
     STAGE_FAILED,
@@ -77,7 +78,15 @@ class StageWalker:
     """Walks the stages of one run; a class only to share the run, the clock, the backend and
     what was observed beside the children (pods, progress)."""
 
-    def __init__(self, run: LlavaRun, now: datetime, backend: Backend, pods: Any, progress: Any) -> None:
+    def __init__(
+        self,
+        run: LlavaRun,
+        now: datetime,
+        backend: Backend,
+        pods: Any,
+        progress: Any,
+        rejected: Mapping[str, str] | None = None,
+    ) -> None:
         self.run = run
         self.clock = now
         self.now = timestamp(now)
@@ -85,6 +94,8 @@ class StageWalker:
         self.pods = pods
         self.progress: Mapping[str, Any] = progress or {}
         """The trainer's latest progress report (status.progress)."""
+        self.rejected: Mapping[str, str] = rejected or {}
+        """Children the apiserver refused to create just now, by name: why (its message)."""
 
     def render(self, stage: Stage, attempt: int, failures: int, previous: str | None) -> dict[str, Any]:
         child = self.backend.render(self.run, stage, attempt)
@@ -103,14 +114,25 @@ class StageWalker:
             phase = StagePhase.SUSPENDED
         else:
             phase = StagePhase.PENDING if failures == 0 else StagePhase.RETRYING
+        name = job_name(self.run.name, stage, attempt)
+        reason, message, events = None, previous, []
+        if (refusal := self.rejected.get(name)) is not None:
+            reason = REASON_JOB_REJECTED
+            message = f"the apiserver refused to create {self.backend.kind} {name}: {refusal}"[:4096]
+            if rec is None or rec.reason != reason:
+                events.append(
+                    Event(STAGE_WAITING, f"stage {stage.value} waits ({reason}): {message}", "Warning")
+                )
         record = StageStatus(
             phase=phase,
-            job=job_name(self.run.name, stage, attempt),
+            job=name,
             attempts=attempt + 1,
             start_time=(rec.start_time if rec else None) or self.now,
-            message=previous,
+            reason=reason,
+            message=message,
         )
-        return Step(phase=phase, record=record, create=[self.render(stage, attempt, failures, previous)])
+        create = [self.render(stage, attempt, failures, previous)]
+        return Step(phase=phase, record=record, create=create, events=events)
 
     @staticmethod
     def previous_failure(rec: StageStatus | None, kid: Child | None) -> str | None:
@@ -130,17 +152,26 @@ class StageWalker:
         attempt = max((rec.attempts - 1) if rec else -1, max(kids, default=-1))
         if attempt < 0:
             step = self.start(stage, 0, None, 0, None)
-            step.events.append(Event(STAGE_STARTED, f"stage {stage.value} started as job {step.record.job}"))
+            if not step.record.reason:
+                step.events.append(
+                    Event(STAGE_STARTED, f"stage {stage.value} started as job {step.record.job}")
+                )
             return step
         kid = kids.get(attempt)
         if kid is None:
-            # Created but not observed yet (or deleted behind our back): create again; 409 is fine.
+            # Created but not observed yet (or deleted behind our back, or refused so far): create
+            # again; 409 is fine.
             earlier = [
                 k.failures + (k.state.phase is JobPhase.FAILED) for k in kids.values() if k.attempt < attempt
             ]
             step = self.start(stage, attempt, rec, max(earlier, default=0), self.previous_failure(rec, None))
-            if rec:
+            was_rejected = rec is not None and rec.reason == REASON_JOB_REJECTED
+            if rec and not was_rejected:
                 step.record, step.phase = rec, rec.phase
+            elif was_rejected and not step.record.reason and attempt == 0:  # accepted at last
+                step.events.append(
+                    Event(STAGE_STARTED, f"stage {stage.value} started as job {step.record.job}")
+                )
             return step
         if kid.state.phase is JobPhase.FAILED:
             return self.failed(stage, rec, kid)

@@ -26,6 +26,10 @@ REASON_INVALID_SPEC = "InvalidSpec"
 """The run's spec cannot be read (e.g. a rule only the operator checks)."""
 REASON_QUEUED = "JobSuspendedByQueue"
 """Queued=True, and the queued stage's reason: its child is suspended without spec.suspend."""
+REASON_JOB_REJECTED = "JobRejected"
+"""A stage's reason while the apiserver refuses to create its job (an admission webhook or the
+kind's schema said no, e.g. a TrainJob naming a ClusterTrainingRuntime that does not exist); the
+create is tried again at every reconcile, so fixing the cause (or the spec) lets it start."""
 
 # Event reasons, one per transition.
 STAGE_STARTED = "StageStarted"

@@ -31,6 +31,14 @@ _PLURALS = {"ServiceAccount": "serviceaccounts", "Role": "roles", "RoleBinding":
 REPORTING_COMPONENT = "llavarun-operator"
 
 
+class ChildRejected(Exception):
+    """The apiserver refused to create a child as such (schema, admission webhook)."""
+
+    def __init__(self, name: str, reason: str) -> None:
+        super().__init__(f"{name}: {reason}")
+        self.name, self.reason = name, reason
+
+
 class Kube:
     """A handful of REST calls; thread-safe like the underlying urllib3 pool."""
 
@@ -84,7 +92,8 @@ class Kube:
         return f"{path}/{name}" if name else path
 
     def create(self, obj: Mapping[str, Any]) -> bool:
-        """Create; False when it already exists (a previous reconcile, or a restart, made it)."""
+        """Create; False when it already exists (a previous reconcile, or a restart, made it).
+        ChildRejected when the apiserver refuses a child of the backend's kind as such."""
         kind = obj["kind"]
         namespace = obj["metadata"]["namespace"]
         if kind == self.backend.kind:
@@ -96,6 +105,8 @@ class Kube:
         except ApiError as err:
             if err.status == 409:
                 return False
+            if err.rejected and kind == self.backend.kind:
+                raise ChildRejected(obj["metadata"]["name"], str(err.message)) from err
             raise
         return True
 
@@ -167,23 +178,40 @@ def converge(kube: Kube, namespace: str, name: str, children: list[Mapping[str, 
         return None  # children go by garbage collection (ownerReferences), no finalizer needed
     now = datetime.now(UTC)
     kind = chosen_kind(body, kube.backend.kind)
-    if kind in kube.backends:
-        kube = kube.using(kube.backends[kind])
-        children = [c for c in children if c.get("kind", kind) == kind]
-        result = plan(body, children, now, backend=kube.backend)
-        if result.wants_pods:
-            pods = {j: kube.list_pods(namespace, kube.backend.pod_selector(j)) for j in result.wants_pods}
-            result = plan(body, children, now, pods=pods, backend=kube.backend)
-        if record := backend_record(body, kind):
-            result = replace(result, status={**result.status, **record})
-    else:
-        result = refused(body, [not_served(body, kind, kube.backends)], now)
+    if kind not in kube.backends:
+        return _apply(kube, body, refused(body, [not_served(body, kind, kube.backends)], now))
+    kube = kube.using(kube.backends[kind])
+    children = [c for c in children if c.get("kind", kind) == kind]
+    result = plan(body, children, now, backend=kube.backend)
+    pods = None
+    if result.wants_pods:
+        pods = {j: kube.list_pods(namespace, kube.backend.pod_selector(j)) for j in result.wants_pods}
+        result = plan(body, children, now, pods=pods, backend=kube.backend)
+    try:
+        return _apply(kube, body, _recorded(result, body, kind))
+    except ChildRejected as err:
+        # Say why in the status; everything else of the plan still happens, and the next
+        # reconcile (a resync at the latest) tries the child again.
+        result = plan(body, children, now, pods=pods, backend=kube.backend, rejected={err.name: err.reason})
+        result = replace(result, create=tuple(o for o in result.create if o["metadata"]["name"] != err.name))
+        return _apply(kube, body, result)  # nothing runs yet: the backend is not recorded
+
+
+def _recorded(result: Plan, body: Mapping[str, Any], kind: str) -> Plan:
+    """The plan, recording the backend in status when it is not yet."""
+    record = backend_record(body, kind)
+    return replace(result, status={**result.status, **record}) if record else result
+
+
+def _apply(kube: Kube, body: Mapping[str, Any], result: Plan) -> Plan | None:
+    """apply(), except that a namespace being deleted ends the reconciliation quietly (None)."""
     try:
         apply(kube, body, result)
     except ApiError as err:
         if not err.namespace_terminating:
             raise
-        log.info("%s/%s: namespace is being deleted, nothing to do", namespace, name)
+        meta = body["metadata"]
+        log.info("%s/%s: namespace is being deleted, nothing to do", meta["namespace"], meta["name"])
         return None
     return result
 

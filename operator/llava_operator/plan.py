@@ -128,12 +128,14 @@ def plan(
     *,
     backend: Backend,
     pods: Mapping[str, list[Mapping[str, Any]]] | None = None,
+    rejected: Mapping[str, str] | None = None,
 ) -> Plan:
     """The next step for one LlavaRun (body as read from the apiserver) given its children.
 
     `pods` maps a failed child's name to its pods, when the caller listed them because the
     previous plan asked (`wants_pods`); it only improves failure messages. A caller that never
-    lists pods passes {}.
+    lists pods passes {}. `rejected` maps a child the apiserver just refused to create to why: the
+    stage says so (reason JobRejected, one Warning) and the next plan creates it again.
     """
     try:
         run = LlavaRun.from_k8s({k: v for k, v in body.items() if k != "status"})
@@ -147,7 +149,7 @@ def plan(
     kids: dict[Stage, dict[int, Child]] = {}
     for child in observed:
         kids.setdefault(child.stage, {})[child.attempt] = child
-    planner = StageWalker(run, now, backend, pods, status.get("progress"))
+    planner = StageWalker(run, now, backend, pods, status.get("progress"), rejected)
 
     stages = list(run.spec.stages)
     started = [i for i, s in enumerate(stages) if s.value in records or kids.get(s)]

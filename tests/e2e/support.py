@@ -321,6 +321,28 @@ def synth_data_dir(parent: Path) -> Path:
     return out
 
 
+def play_trainer_pod(
+    run_body: Mapping[str, Any], stage: str, data_dir: Path, pod_env: Mapping[str, str], log: Path
+) -> dict[str, str]:
+    """Run one stage's trainer as its pod would (the operator's flags with `data_dir` for the
+    data_dir, under `torchrun --standalone` on this machine, with the pod's literal `pod_env` on top
+    of ours) and assert it succeeded; returns the environment it ran with."""
+    from llava_operator.api import LlavaRun, Stage
+    from llava_operator.trainer_command import trainer_args
+
+    run = LlavaRun.model_validate(dict(run_body))  # as the apiserver defaulted it
+    args = trainer_args(run.spec, Stage(stage), data_dir_override=str(data_dir))
+    env = {k: v for k, v in os.environ.items() if k not in ("KUBECONFIG", "LLAVARUN_STATUS_FILE")}
+    env.update({k: v for k, v in pod_env.items() if not k.startswith("PET_")})  # torchrun's: ours here
+    env.update({"OMP_NUM_THREADS": "2", "PYTHONUNBUFFERED": "1"})
+    argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "1",
+            "-m", "llava_trainer", *args]  # fmt: skip
+    with log.open("wb") as out:
+        proc = subprocess.run(argv, env=env, stdout=out, stderr=subprocess.STDOUT, timeout=240, check=False)
+    assert proc.returncode == 0, f"trainer failed, log {log}:\n{log.read_text()[-4000:]}"
+    return env
+
+
 def run_token_kubeconfig(cluster: Cluster, namespace: str, run: str) -> Path:
     """A kubeconfig with a token of the run's operator-made ServiceAccount (`<run>-trainer`), once
     that token may write the run's status (the Role and RoleBinding follow the first job)."""

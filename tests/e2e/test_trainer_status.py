@@ -9,8 +9,6 @@ job's real pod meanwhile "trains" under kwok for 10 minutes, so the run stays Ru
 
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
 import uuid
 from collections.abc import Iterator
@@ -20,8 +18,6 @@ from typing import Any
 import pytest
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
-from llava_operator.api import LlavaRun, Stage
-from llava_operator.trainer_command import trainer_args
 
 from tests.cluster import Cluster, wait_for
 
@@ -32,6 +28,7 @@ from .support import (
     Kube,
     OperatorProcess,
     job_name,
+    play_trainer_pod,
     run_token_kubeconfig,
     synth_data_dir,
     tiny_pretrain,
@@ -86,19 +83,12 @@ def trained(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> dict[str, Any]:
     """Run the pretrain stage as its pod would; the run's status afterwards."""
-    run = LlavaRun.model_validate(kube.run(namespace, RUN))  # as the apiserver defaulted it
-    args = trainer_args(run.spec, Stage.PRETRAIN, data_dir_override=str(data_dir))
-    env = {k: v for k, v in os.environ.items() if k not in ("KUBECONFIG", "LLAVARUN_STATUS_FILE")}
-    env.update(pod_env(kube.jobs(namespace)[job_name(RUN, "pretrain")]))
-    env.update(
-        {"LLAVARUN_KUBECONFIG": str(trainer_kubeconfig), "OMP_NUM_THREADS": "2", "PYTHONUNBUFFERED": "1"}
-    )
     log = tmp_path_factory.mktemp("trainer") / "pretrain.log"
-    argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "1",
-            "-m", "llava_trainer", *args]  # fmt: skip
-    with log.open("wb") as out:
-        proc = subprocess.run(argv, env=env, stdout=out, stderr=subprocess.STDOUT, timeout=240, check=False)
-    assert proc.returncode == 0, f"trainer failed, log {log}:\n{log.read_text()[-4000:]}"
+    env = {
+        **pod_env(kube.jobs(namespace)[job_name(RUN, "pretrain")]),
+        "LLAVARUN_KUBECONFIG": str(trainer_kubeconfig),
+    }
+    env = play_trainer_pod(kube.run(namespace, RUN), "pretrain", data_dir, env, log)
     return {"status": kube.status(namespace, RUN), "env": env, "log": log}
 
 

@@ -12,16 +12,11 @@ name does not resolve on this host, so the URL's host becomes 127.0.0.1 (same po
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import pytest
-from llava_operator.api import LlavaRun, Stage
-from llava_operator.trainer_command import trainer_args
 from llava_trainer.status import TrainerStatusSink
 
 from tests.cluster import Cluster
@@ -31,6 +26,7 @@ from .support import (
     Kube,
     OperatorProcess,
     job_name,
+    play_trainer_pod,
     run_token_kubeconfig,
     synth_data_dir,
     tiny_pretrain,
@@ -97,26 +93,14 @@ def test_rank_zero_reports_into_the_llavarun_and_the_trainjob_trainer_status(
     with pytest.raises(OSError, match="answered 403"):
         TrainerStatusSink(status_url, str(files / "ca.crt"), str(files / "other-token")).write({})
 
-    run = LlavaRun.model_validate(kube.run(ns, RUN))  # as the apiserver defaulted it
-    env = {k: v for k, v in os.environ.items() if k not in ("KUBECONFIG", "LLAVARUN_STATUS_FILE")}
-    env.update({k: v for k, v in pod_env.items() if not k.startswith("PET_")})  # torchrun --standalone here
-    env.update(
-        {
-            "KUBEFLOW_TRAINER_SERVER_URL": status_url,
-            "KUBEFLOW_TRAINER_SERVER_CA_CERT": str(files / "ca.crt"),
-            "KUBEFLOW_TRAINER_SERVER_TOKEN": str(files / "token"),
-            "LLAVARUN_KUBECONFIG": str(run_token_kubeconfig(e2e_cluster, ns, RUN)),
-            "OMP_NUM_THREADS": "2",
-            "PYTHONUNBUFFERED": "1",
-        }
-    )
-    args = trainer_args(run.spec, Stage.PRETRAIN, data_dir_override=str(data_dir))
-    argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "1",
-            "-m", "llava_trainer", *args]  # fmt: skip
     log = tmp_path / "pretrain.log"
-    with log.open("wb") as out:
-        proc = subprocess.run(argv, env=env, stdout=out, stderr=subprocess.STDOUT, timeout=240, check=False)
-    assert proc.returncode == 0, f"trainer failed, log {log}:\n{log.read_text()[-4000:]}"
+    pod_env |= {
+        "KUBEFLOW_TRAINER_SERVER_URL": status_url,
+        "KUBEFLOW_TRAINER_SERVER_CA_CERT": str(files / "ca.crt"),
+        "KUBEFLOW_TRAINER_SERVER_TOKEN": str(files / "token"),
+        "LLAVARUN_KUBECONFIG": str(run_token_kubeconfig(e2e_cluster, ns, RUN)),
+    }
+    play_trainer_pod(kube.run(ns, RUN), "pretrain", data_dir, pod_env, log)
     assert "failed to write" not in log.read_text(), log.read_text()[-4000:]
 
     st = kube.status(ns, RUN)

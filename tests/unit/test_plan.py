@@ -428,3 +428,32 @@ def test_an_operator_killed_at_any_step_of_a_run_start_leaves_nothing_missing(cr
     )
     assert list(w.jobs) == ["r1-prepare"]
     assert w.status == clean.status
+
+
+# --- a job the apiserver refuses --------------------------------------------------------------------
+
+
+def test_a_refused_job_is_said_once_tried_again_and_started_once_accepted() -> None:
+    w = World(run_body(stages=["prepare", "pretrain"]))
+    w.rejecting["r1-prepare"] = 'admission webhook "v.example" denied the request: no such runtime'
+    p = w.reconcile()
+    assert [o["kind"] for o in p.create] == ["ServiceAccount", "Role", "RoleBinding"]
+    st = w.run["status"]
+    assert (st["phase"], st["reason"], st["stage"]) == ("Pending", "JobRejected", "prepare")
+    record = st["stages"]["prepare"]
+    assert record["message"] == (
+        'the apiserver refused to create PyTorchJob r1-prepare: admission webhook "v.example" denied '
+        "the request: no such runtime"
+    )
+    assert [(t, r) for t, r, _ in w.events] == [("Warning", "StageWaiting")]
+    for _ in range(3):  # every reconcile tries again; said once
+        assert [o["metadata"]["name"] for o in w.plan().create if o["kind"] == "PyTorchJob"] == ["r1-prepare"]
+        w.reconcile()
+    assert len(w.events) == 1 and w.jobs == {}
+
+    del w.rejecting["r1-prepare"]  # e.g. the runtime now exists
+    w.reconcile()
+    assert list(w.jobs) == ["r1-prepare"]
+    assert [r for _, r, _ in w.events[1:]] == ["StageStarted"]
+    st = w.run["status"]
+    assert (st["phase"], st.get("reason"), st["stages"]["prepare"].get("reason")) == ("Pending", None, None)
