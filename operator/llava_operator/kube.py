@@ -194,7 +194,8 @@ def converge(kube: Kube, namespace: str, name: str, children: list[Mapping[str, 
         # reconcile (a resync at the latest) tries the child again.
         result = plan(body, children, now, pods=pods, backend=kube.backend, rejected={err.name: err.reason})
         result = replace(result, create=tuple(o for o in result.create if o["metadata"]["name"] != err.name))
-        return _apply(kube, body, result)  # nothing runs yet: the backend is not recorded
+        # Recorded all the same: a status with stages but no backend reads as a legacy PyTorchJob run.
+        return _apply(kube, body, _recorded(result, body, kind))
 
 
 def _recorded(result: Plan, body: Mapping[str, Any], kind: str) -> Plan:
