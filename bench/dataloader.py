@@ -114,7 +114,7 @@ MIX665K = {"instruct": 158_000, "vqa": 467_000, "text": 40_000}
 
 def build_fixture(root: Path, samples: int, size: str, seed: int) -> dict:
     """Tokenizer, CLIP-L/336 processor config, JPEGs and one JSON per sample kind under `root`."""
-    from llava_trainer.synth import write_llama_tokenizer
+    from llava_trainer.synth_models import write_llama_tokenizer
     from transformers import CLIPImageProcessor
 
     rng, np_rng = random.Random(seed), np.random.default_rng(seed)

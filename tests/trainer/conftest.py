@@ -26,7 +26,7 @@ TOKENIZER_CORPUS = [
 @pytest.fixture(scope="session")
 def tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A SentencePiece BPE model trained here (LLaMA's settings), saved with save_pretrained."""
-    from llava_trainer.synth import write_llama_tokenizer
+    from llava_trainer.synth_models import write_llama_tokenizer
 
     out = tmp_path_factory.mktemp("tokenizer")
     write_llama_tokenizer(TOKENIZER_CORPUS, out, vocab_size=400, save_pretrained=True)
