@@ -14,7 +14,7 @@ What a step is, per stage (LLaVA-1.5 recipe, bf16, gradient checkpointing on the
   `layers`). Per-layer work is what MFU measures; fewer layers make the embedding/LM-head share a
   little larger.
 
-MFU uses llava_trainer.metrics (4N/6N per real token + attention + CLIP forward) and
+MFU uses llava_trainer.flops (4N/6N per real token + attention + CLIP forward) and
 FlagPerf's 2N/6N per padded token (here real = padded: no padding). Self-contained on purpose: it
 needs torch and transformers only, no DeepSpeed or pydantic, so it runs on a bare GPU machine.
 """
@@ -39,12 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "trainer"))
 import torch
 
 # Pure Python FLOP accounting (imports neither DeepSpeed nor pydantic), shared with the trainer.
-from llava_trainer.metrics import (
-    LlavaShape,
-    flagperf_params,
-    mfu_percent,
-    sample_flops,
-)
+from llava_trainer.flops import LlavaShape, flagperf_params, mfu_percent, sample_flops
 
 
 def _accelerator_table() -> Any:

@@ -58,7 +58,7 @@ def accelerator_of(document: dict[str, Any], device: str | None) -> dict[str, An
     """The accelerator, device counts and FlagPerf's N from the run's spec (None without one)."""
     if "spec" not in document:
         return None
-    from llava_trainer.metrics import flagperf_params
+    from llava_trainer.flops import flagperf_params
 
     from .capacity.geometry import recipe_geometry
     from .capacity.inputs import choose_device

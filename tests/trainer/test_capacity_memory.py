@@ -13,7 +13,7 @@ import torch
 from llava_operator.capacity import geometry as geometry_module
 from llava_operator.capacity.geometry import Geometry, read_geometry, recipe_geometry
 from llava_operator.capacity.memory import activations, model_states, trained_and_frozen
-from llava_trainer.metrics import LlavaShape
+from llava_trainer.flops import LlavaShape
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 

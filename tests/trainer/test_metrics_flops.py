@@ -8,10 +8,8 @@ from dataclasses import replace
 from types import SimpleNamespace
 
 import pytest
-from llava_trainer.metrics import (
+from llava_trainer.flops import (
     LlavaShape,
-    Throughput,
-    TrainingLog,
     batch_flops,
     flagperf_flops,
     flagperf_params,
@@ -19,6 +17,7 @@ from llava_trainer.metrics import (
     resolve_peak_tflops,
     sample_flops,
 )
+from llava_trainer.metrics import Throughput, TrainingLog
 
 pytestmark = pytest.mark.trainer
 

@@ -13,7 +13,7 @@ from llava_operator.capacity.geometry import recipe_geometry
 from llava_operator.capacity.lengths import recipe_lengths
 from llava_operator.capacity.memory import GIB, model_states
 from llava_operator.cli import main
-from llava_trainer.metrics import sample_flops
+from llava_trainer.flops import sample_flops
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = str(ROOT / "examples" / "llavarun-13b.yaml")

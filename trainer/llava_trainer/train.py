@@ -32,7 +32,8 @@ from .distributed import (
     init_distributed,
     relaunch_under_torchrun_if_needed,
 )
-from .metrics import LlavaShape, ProgressLog, resolve_peak_tflops
+from .flops import LlavaShape, resolve_peak_tflops
+from .metrics import ProgressLog
 
 log = logging.getLogger("llava_trainer.train")
 

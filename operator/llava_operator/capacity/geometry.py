@@ -1,6 +1,6 @@
 """What the capacity plan needs to know about the model: sizes, from checkpoints or a table.
 
-The FLOP side is `llava_trainer.metrics.LlavaShape` (the trainer's own accounting); this module
+The FLOP side is `llava_trainer.flops.LlavaShape` (the trainer's own accounting); this module
 adds what memory needs beyond it: the vision tower's parameter count and the largest single
 module (what ZeRO-3 gathers at once). Built from the two checkpoints' `config.json` files when a
 data_dir is given, else from a built-in table of the recipe's models. Plain Python: no torch, no
@@ -14,7 +14,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from llava_trainer.metrics import LlavaShape
+from llava_trainer.flops import LlavaShape
 from llava_trainer.tokenizer import IMAGE_TOKEN, PAD_TOKEN
 
 ADDED_TOKENS = len((IMAGE_TOKEN, PAD_TOKEN))

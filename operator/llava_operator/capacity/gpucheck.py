@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from llava_trainer.metrics import LlavaShape, sample_flops
+from llava_trainer.flops import LlavaShape, sample_flops
 
 from .geometry import Geometry
 from .memory import GIB, step_memory

@@ -19,7 +19,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Literal
 
-from llava_trainer.metrics import LlavaShape, Stage
+from llava_trainer.flops import LlavaShape, Stage
 
 from .geometry import Geometry
 

@@ -1,6 +1,6 @@
 """Time of a training stage: model FLOPs from the trainer's own accounting, over peak x devices x MFU.
 
-FLOPs per sample are `llava_trainer.metrics.sample_flops`, the function the trainer's MFU is
+FLOPs per sample are `llava_trainer.flops.sample_flops`, the function the trainer's MFU is
 computed with, so a run that reaches the MFU assumed here takes the time predicted here. Plain
 Python.
 """
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from llava_trainer.metrics import LlavaShape, Stage, sample_flops
+from llava_trainer.flops import LlavaShape, Stage, sample_flops
 
 from .lengths import TokenLengths
 
