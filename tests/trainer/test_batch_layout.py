@@ -15,7 +15,7 @@ pytestmark = pytest.mark.trainer
 
 @pytest.fixture(scope="module")
 def text_side(synth_dir: Path):
-    from llava_trainer.train import load_text_side
+    from llava_trainer.train_parts import load_text_side
 
     return load_text_side(FinetuneConfig(data_dir=synth_dir))
 

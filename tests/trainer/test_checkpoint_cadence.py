@@ -28,7 +28,7 @@ def saved_at(root: Path, step: int) -> float:
 def test_saves_follow_the_cadence_and_the_grace_period(synth_dir: Path, tmp_path: Path) -> None:
     import deepspeed
     import torch
-    from llava_trainer.train import build_loader, load_text_side
+    from llava_trainer.train_parts import build_loader, load_text_side
 
     config = PretrainConfig(
         data_dir=synth_dir,

@@ -237,7 +237,7 @@ def with_blank_image_row(
 ) -> dict[str, torch.Tensor]:
     """`inputs` plus a row holding one image's tokens and nothing to learn: all its labels are
     ignored and rows do not attend to each other, so the loss is unchanged and the gradients
-    reaching the vision tower and projector through it are exactly zero (train.forward_loss)."""
+    reaching the vision tower and projector through it are exactly zero (train_parts.forward_loss)."""
     rows, length = inputs["input_ids"].shape
     width = max(length, num_image_tokens)
     fill = {"input_ids": pad_token_id, "attention_mask": 0, "labels": -100}
