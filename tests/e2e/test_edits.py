@@ -1,5 +1,5 @@
-"""Edits through the real scheduler and training-operator: a stage whose pod cannot schedule picks
-up the toleration the user adds, because an attempt that never started is replaced."""
+"""Edits through the real scheduler and each backend's controllers: a stage whose pod cannot
+schedule picks up the toleration the user adds, because an attempt that never started is replaced."""
 
 from __future__ import annotations
 
@@ -9,13 +9,12 @@ import pytest
 
 from tests.cluster import Cluster, wait_for
 
+from .childkinds import ChildKind
 from .support import (
-    JOB_NAME_LABEL,
     Kube,
     OperatorProcess,
     condition,
     job_name,
-    job_state,
     llavarun,
     wait_events,
     wait_run,
@@ -34,7 +33,11 @@ def unschedulable(pod: dict[str, Any]) -> bool:
 
 
 def test_a_pending_prepare_picks_up_the_toleration_added_to_the_placement(
-    e2e_cluster: Cluster, kube: Kube, running_operator: OperatorProcess, cluster_namespace: str
+    e2e_cluster: Cluster,
+    kube: Kube,
+    running_operator: OperatorProcess,
+    cluster_namespace: str,
+    backend: ChildKind,
 ) -> None:
     """The GPU pool carries a taint the run does not tolerate: prepare's pod sits unschedulable and
     the run `Pending`. The user adds the toleration to spec.placement; the job that never ran is
@@ -49,11 +52,16 @@ def test_a_pending_prepare_picks_up_the_toleration_added_to_the_placement(
     try:
         kube.create_run(
             llavarun(
-                run, ns, ["prepare", "pretrain"], placement={"nodeSelector": {POOL_LABEL: pool}}, retries=0
+                run,
+                ns,
+                ["prepare", "pretrain"],
+                placement={"nodeSelector": {POOL_LABEL: pool}},
+                retries=0,
+                backend=backend.kind,
             )
         )
         wait_for(
-            lambda: any(unschedulable(p) for p in kube.pods(ns, f"{JOB_NAME_LABEL}={first}")),
+            lambda: any(unschedulable(p) for p in kube.pods(ns, backend.pods_of(first))),
             timeout=60,
             interval=0.2,
             what=f"{first}'s pod to be unschedulable",
@@ -64,16 +72,15 @@ def test_a_pending_prepare_picks_up_the_toleration_added_to_the_placement(
         toleration = {"key": TEAM_TAINT, "operator": "Exists", "effect": "NoSchedule"}
         kube.patch_run(ns, run, {"spec": {"placement": {"tolerations": [toleration]}}})
         st = wait_run(kube, ns, run, "succeeded after the edit", timeout=120, phase="Succeeded")
-        placed = {p["spec"].get("nodeName") for p in kube.pods(ns, f"{JOB_NAME_LABEL}={second}")}
+        pods = kube.pods(ns, backend.pods_of(second))
     finally:
         e2e_cluster.kubectl("delete", "node", node, "--wait=false", check=False)
 
-    jobs = kube.jobs(ns, run)
+    jobs = backend.jobs(kube, ns, run)
     assert sorted(jobs) == sorted([second, job_name(run, "pretrain")]), "the pending job was deleted"
-    assert job_state(jobs[second]) == "Succeeded"
-    pod = jobs[second]["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]
-    assert toleration in pod["tolerations"]
-    assert placed == {node}
+    assert backend.verdict(jobs[second]) == "Succeeded"
+    assert {p["spec"].get("nodeName") for p in pods} == {node}
+    assert all(toleration in p["spec"]["tolerations"] for p in pods)
     record = st["stages"]["prepare"]
     assert (record["phase"], record["job"], record["attempts"]) == ("Succeeded", second, 2)
     assert condition(st, "Succeeded")["status"] == "True"

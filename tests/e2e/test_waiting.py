@@ -1,7 +1,7 @@
 """Why a stage waits, through the real scheduler: a run placed on a GPU pool whose taint it does not
 tolerate says so in its status (the stage's reason and message quoting the scheduler, the
 Succeeded condition, status.reason = the REASON column) and in one Warning event; the wait clears
-once a toleration lets the pod run."""
+once a toleration lets the pod run. On each backend: the pods are found through its selector."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import pytest
 
 from tests.cluster import Cluster, wait_for
 
+from .childkinds import ChildKind
 from .support import (
-    JOB_NAME_LABEL,
     Kube,
     OperatorProcess,
     condition,
@@ -28,18 +28,20 @@ POOL_LABEL = "e2e.llavarun.io/pool"
 
 
 def test_an_unschedulable_stage_says_why_in_status_event_and_column(
-    e2e_cluster: Cluster, kube: Kube, running_operator: OperatorProcess, cluster_namespace: str
+    e2e_cluster: Cluster,
+    kube: Kube,
+    running_operator: OperatorProcess,
+    cluster_namespace: str,
+    backend: ChildKind,
 ) -> None:
     ns, run = cluster_namespace, "waits"
     pool = f"waiting-{ns}"[:63]
     nodes = e2e_cluster.add_gpu_nodes(
         2, taint_key=TEAM_TAINT, prefix="waiting-node", labels={POOL_LABEL: pool}
     )
-    pod = f"{job_name(run, 'prepare')}-master-0"
     try:
-        kube.create_run(
-            llavarun(run, ns, ["prepare"], placement={"nodeSelector": {POOL_LABEL: pool}}, retries=0)
-        )
+        placement = {"nodeSelector": {POOL_LABEL: pool}}
+        kube.create_run(llavarun(run, ns, ["prepare"], placement=placement, retries=0, backend=backend.kind))
 
         def said() -> dict | None:
             st = kube.status(ns, run)
@@ -49,8 +51,9 @@ def test_an_unschedulable_stage_says_why_in_status_event_and_column(
         record = st["stages"]["prepare"]
         assert (st["phase"], record["phase"], record["reason"]) == ("Pending", "Pending", "Unschedulable")
         # The scheduler's own words, as `kubectl describe pod` shows them.
-        (master,) = kube.pods(ns, f"{JOB_NAME_LABEL}={job_name(run, 'prepare')}")
-        scheduled = next(c for c in master["status"]["conditions"] if c["type"] == "PodScheduled")
+        (first,) = kube.pods(ns, backend.pods_of(job_name(run, "prepare")))
+        pod = first["metadata"]["name"]
+        scheduled = next(c for c in first["status"]["conditions"] if c["type"] == "PodScheduled")
         assert "untolerated taint" in scheduled["message"]
         assert record["message"] == f"pod {pod} cannot be scheduled: {scheduled['message']}"
         succeeded = condition(st, "Succeeded")
