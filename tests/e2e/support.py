@@ -311,11 +311,11 @@ def tiny_pretrain(namespace: str, name: str, **spec: Any) -> dict[str, Any]:
     )  # fmt: skip
 
 
-def synth_data_dir(parent: Path) -> Path:
-    """A tiny data_dir in the real layout (`llava-trainer synth`, 8 samples) under `parent`."""
+def synth_data_dir(parent: Path, samples: int = 8) -> Path:
+    """A tiny data_dir in the real layout (`llava-trainer synth`) under `parent`."""
     out = parent / "data"
     subprocess.run(
-        [str(Path(sys.executable).parent / "llava-trainer"), "synth", "--out", str(out), "--samples", "8"],
+        [str(Path(sys.executable).parent / "llava-trainer"), "synth", "--out", str(out), "--samples", str(samples)],
         check=True, capture_output=True, timeout=180,
     )  # fmt: skip
     return out

@@ -5,6 +5,8 @@ The pretrain stage's pod is played by a local process, as a kubelet would run it
 command the operator rendered (data_dir moved to a tiny local one), the pod's environment, and
 on the pod's deletion SIGTERM to the whole process group, then SIGKILL once the pod's
 `terminationGracePeriodSeconds` have passed. kwok runs the real pod for 10 minutes meanwhile.
+On each backend: a suspended PyTorchJob keeps its pod names, a resumed TrainJob's JobSet makes new
+pods.
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ from llava_operator.trainer_command import trainer_args
 
 from tests.cluster import wait_for
 
-from .support import JOB_NAME_LABEL, Kube, OperatorProcess, job_name, llavarun, wait_job, wait_pods, wait_run
+from .childkinds import ChildKind
+from .support import Kube, OperatorProcess, job_name, llavarun, synth_data_dir, wait_pods, wait_run
 
 pytestmark = pytest.mark.e2e
 
@@ -31,11 +34,11 @@ RUN = "preempted"
 GRACE = 120
 
 
-def tiny_pretrain(namespace: str) -> dict[str, Any]:
+def tiny_pretrain(namespace: str, backend: str) -> dict[str, Any]:
     """examples/llavarun-tiny.yaml's pretrain on one CPU process, long enough to be interrupted
     (100 epochs); no periodic checkpoint (saveSteps beyond the run), so only the SIGTERM save exists."""
     return llavarun(
-        RUN, namespace, ["pretrain"], run_duration="10m", retries=0,
+        RUN, namespace, ["pretrain"], run_duration="10m", retries=0, backend=backend,
         accelerator={"profile": "cpu"},
         placement={"tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]},
         pretrain={"globalBatchSize": 4, "microBatchSize": 4, "epochs": 100, "maxLength": 256,
@@ -49,10 +52,13 @@ def tiny_pretrain(namespace: str) -> dict[str, Any]:
 class PlayedPod:
     """One pod's trainer as a local process group, stopped the way a kubelet stops a pod."""
 
-    def __init__(self, pod: dict[str, Any], argv: list[str], log: Path) -> None:
-        container = pod["spec"]["containers"][0]
+    def __init__(self, pod: dict[str, Any], container: str, argv: list[str], log: Path) -> None:
+        (spec,) = [c for c in pod["spec"]["containers"] if c["name"] == container]
         env = {k: v for k, v in os.environ.items() if k not in ("KUBECONFIG", "LLAVARUN_STATUS_FILE")}
-        env.update({e["name"]: e["value"] for e in container.get("env", []) if "value" in e})
+        # The pod's literal env; torchrun's own (PET_*, a TrainJob's) stays ours: --standalone here.
+        env.update(
+            {e["name"]: e["value"] for e in spec.get("env", []) if "value" in e and e["name"][:4] != "PET_"}
+        )
         env.update({"OMP_NUM_THREADS": "2", "PYTHONUNBUFFERED": "1", "LLAVARUN_KUBECONFIG": ""})
         self.env, self.log = env, log
         self.grace = pod["spec"]["terminationGracePeriodSeconds"]
@@ -80,14 +86,14 @@ class PlayedPod:
             self._out.close()
 
 
-def play(kube: Kube, namespace: str, data_dir: Path, log: Path) -> PlayedPod:
+def play(kube: Kube, backend: ChildKind, namespace: str, data_dir: Path, log: Path) -> PlayedPod:
     job = job_name(RUN, "pretrain")
-    (pod,) = wait_pods(kube, namespace, f"{JOB_NAME_LABEL}={job}", "Running", count=1)
+    (pod,) = wait_pods(kube, namespace, backend.pods_of(job), "Running", count=1)
     run = LlavaRun.model_validate(kube.run(namespace, RUN))
     args = trainer_args(run.spec, Stage.PRETRAIN, data_dir_override=str(data_dir))
     argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "1",
             "-m", "llava_trainer", *args]  # fmt: skip
-    return PlayedPod(pod, argv, log)
+    return PlayedPod(pod, backend.container, argv, log)
 
 
 def wait_step(pod: PlayedPod, step: int, timeout: float = 240) -> None:
@@ -100,12 +106,7 @@ def wait_step(pod: PlayedPod, step: int, timeout: float = 240) -> None:
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("synth") / "data"
-    subprocess.run(
-        [str(Path(sys.executable).parent / "llava-trainer"), "synth", "--out", str(out), "--samples", "64"],
-        check=True, capture_output=True, timeout=180,
-    )  # fmt: skip
-    return out
+    return synth_data_dir(tmp_path_factory.mktemp("synth"), samples=64)
 
 
 def test_a_suspended_stage_saves_on_sigterm_and_the_resumed_pod_starts_from_that_checkpoint(
@@ -114,22 +115,17 @@ def test_a_suspended_stage_saves_on_sigterm_and_the_resumed_pod_starts_from_that
     cluster_namespace: str,
     data_dir: Path,
     tmp_path: Path,
+    backend: ChildKind,
 ) -> None:
     ns, job = cluster_namespace, job_name(RUN, "pretrain")
-    kube.create_run(tiny_pretrain(ns))
-    rendered = wait_job(kube, ns, job)
-    template = rendered["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]
-    assert template["terminationGracePeriodSeconds"] == GRACE
-    env = {e["name"]: e.get("value") for e in template["containers"][0]["env"]}
-    assert env["LLAVARUN_GRACE_SECONDS"] == str(GRACE)  # one value for the kubelet and the trainer
-
-    first = play(kube, ns, data_dir, tmp_path / "attempt-0.log")
+    kube.create_run(tiny_pretrain(ns, backend.kind))
+    first = play(kube, backend, ns, data_dir, tmp_path / "attempt-0.log")
+    assert first.grace == GRACE  # the pod's, which the kubelet honours...
+    assert first.env["LLAVARUN_GRACE_SECONDS"] == str(GRACE)  # ...and the trainer's: one value
     wait_step(first, 3)
     kube.patch_run(ns, RUN, {"spec": {"suspend": True}})
-    # The training-operator deletes the suspended job's pods; the kubelet then stops the containers.
-    wait_for(
-        lambda: not kube.pods(ns, f"{JOB_NAME_LABEL}={job}"), timeout=60, interval=0.2, what="pods deleted"
-    )
+    # The job's controller deletes the suspended job's pods; the kubelet then stops the containers.
+    wait_for(lambda: not kube.pods(ns, backend.pods_of(job)), timeout=60, interval=0.2, what="pods deleted")
     # torchrun re-raises the signal (exit 1) once its worker has saved and exited 143: in time,
     # not SIGKILLed at the end of the grace period.
     assert first.terminate() != -signal.SIGKILL, first.log.read_text()[-3000:]
@@ -142,7 +138,7 @@ def test_a_suspended_stage_saves_on_sigterm_and_the_resumed_pod_starts_from_that
     wait_run(kube, ns, RUN, "suspended", phase="Suspended")
 
     kube.patch_run(ns, RUN, {"spec": {"suspend": False}})
-    second = play(kube, ns, data_dir, tmp_path / "attempt-0-resumed.log")
+    second = play(kube, backend, ns, data_dir, tmp_path / "attempt-0-resumed.log")
     try:
         wait_for(
             lambda: second.events("resume"), timeout=240, interval=0.5, what="the trainer's resume event"
