@@ -104,9 +104,10 @@ def wait_step(pod: PlayedPod, step: int, timeout: float = 240) -> None:
     wait_for(reached, timeout=timeout, interval=0.5, what=f"trainer step {step}")
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return synth_data_dir(tmp_path_factory.mktemp("synth"), samples=64)
+@pytest.fixture
+def data_dir(tmp_path: Path) -> Path:
+    """A fresh data_dir per scenario: no checkpoint of another one to resume from."""
+    return synth_data_dir(tmp_path, samples=64)
 
 
 def test_a_suspended_stage_saves_on_sigterm_and_the_resumed_pod_starts_from_that_checkpoint(
