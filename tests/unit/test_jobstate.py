@@ -8,12 +8,8 @@ from typing import Any
 import pytest
 from llava_operator.api import LlavaRun, Stage
 from llava_operator.backend import SPEC_HASH_ANNOTATION, SUSPEND_ANNOTATION, applied_suspend
-from llava_operator.backends.pytorchjob import (
-    PYTORCHJOB,
-    describe_failed_pod,
-    failed_pod_hint,
-    pytorchjob_state,
-)
+from llava_operator.backends.pytorchjob import MAIN_CONTAINER, PYTORCHJOB, failed_pod_hint, pytorchjob_state
+from llava_operator.backends.shared import describe_failed_pod
 from llava_operator.jobstate import JobPhase
 
 
@@ -106,12 +102,12 @@ def test_describe_failed_pod_names_the_first_failure_with_exit_code_and_reason()
         pod("r-pretrain-worker-0", "Failed", 137, "OOMKilled", "2026-01-01T00:10:00Z"),
         pod("r-pretrain-worker-1", "Running"),
     ]
-    assert describe_failed_pod(pods) == ("r-pretrain-worker-0", "exit code 137, OOMKilled")
+    assert describe_failed_pod(pods, MAIN_CONTAINER) == ("r-pretrain-worker-0", "exit code 137, OOMKilled")
 
 
 def test_describe_failed_pod_without_failures() -> None:
-    assert describe_failed_pod([pod("r-pretrain-master-0", "Running")]) is None
-    assert describe_failed_pod([]) is None
+    assert describe_failed_pod([pod("r-pretrain-master-0", "Running")], MAIN_CONTAINER) is None
+    assert describe_failed_pod([], MAIN_CONTAINER) is None
 
 
 def llavarun(**spec: Any) -> LlavaRun:

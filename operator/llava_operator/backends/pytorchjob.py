@@ -11,14 +11,15 @@ failed pod.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 from ..api import LlavaRun, Stage
 from ..api.spec import pytorchjob_refusals
 from ..backend import RunObjects, stamp, suspend_patch_at
 from ..jobstate import JobPhase, JobState
-from ..render import render_rbac, render_stage_job
+from ..render import render_stage_job
+from .shared import describe_failed_pod, pod_pointer, trainer_identity
 
 JOB_NAME_LABEL = "training.kubeflow.org/job-name"
 REPLICA_TYPE_LABEL = "training.kubeflow.org/replica-type"
@@ -85,42 +86,6 @@ def failed_pod_hint(job_name: str, state: JobState) -> str | None:
     return None
 
 
-def _termination(pod: Mapping[str, Any], container: str) -> Mapping[str, Any] | None:
-    statuses = (pod.get("status") or {}).get("containerStatuses") or []
-    for status in statuses:
-        if status.get("name") == container:
-            state = status.get("state") or {}
-            last = status.get("lastState") or {}
-            return state.get("terminated") or last.get("terminated")
-    return None
-
-
-def describe_failed_pod(
-    pods: Iterable[Mapping[str, Any]], container: str = MAIN_CONTAINER
-) -> tuple[str, str] | None:
-    """(pod name, what happened) for the first failed pod, e.g. ("r-pretrain-master-0", "exit code 137,
-    OOMKilled"); the earliest failure first, since later ones are usually its collateral damage."""
-    failed = []
-    for pod in pods:
-        term = _termination(pod, container)
-        phase = (pod.get("status") or {}).get("phase")
-        if phase == "Failed" or (term and term.get("exitCode")):
-            failed.append((str((term or {}).get("finishedAt") or "~"), pod, term or {}))
-    if not failed:
-        return None
-    _, pod, term = min(failed, key=lambda item: (item[0], item[1]["metadata"]["name"]))
-    parts = []
-    if term.get("exitCode") is not None:
-        parts.append(f"exit code {term['exitCode']}")
-    reason = term.get("reason") or (pod.get("status") or {}).get("reason")
-    if reason:
-        parts.append(str(reason))
-    message = (term.get("message") or "").strip().splitlines()
-    if message:
-        parts.append(message[-1][:200])
-    return str(pod["metadata"]["name"]), ", ".join(parts) or "failed"
-
-
 def _runs(job: Mapping[str, Any]) -> dict[str, Any]:
     """What a job runs, for the spec digest: its labels (the Kueue queue) and spec, suspension aside."""
     spec = dict(job["spec"])
@@ -144,12 +109,7 @@ class PyTorchJobBackend:
         return stamp(job, suspend=run.spec.suspend, runs=_runs(job))
 
     def run_objects(self, run: LlavaRun) -> RunObjects:
-        """The trainer's ServiceAccount (a pod needs it at admission; none when the spec names
-        one), then a Role allowing `patch llavaruns/status` on this run only and its RoleBinding
-        (the trainer needs them at its first status write, and its reporter retries)."""
-        objects = render_rbac(run)
-        before = tuple(o for o in objects if o["kind"] == "ServiceAccount")
-        return RunObjects(before=before, after=tuple(o for o in objects if o["kind"] != "ServiceAccount"))
+        return trainer_identity(run)
 
     def state(self, child: Mapping[str, Any]) -> JobState:
         return pytorchjob_state(child)
@@ -161,15 +121,9 @@ class PyTorchJobBackend:
         self, child_name: str, state: JobState, namespace: str, pods: list[Mapping[str, Any]]
     ) -> str:
         """The failed pod (from the pod list, else the Master's predictable name) and its log command."""
-        described = describe_failed_pod(pods)
+        described = describe_failed_pod(pods, MAIN_CONTAINER)
         pod, what = described if described else (failed_pod_hint(child_name, state), "")
-        if not pod:
-            return ""
-        return (
-            f"pod {pod}"
-            + (f": {what}" if what else "")
-            + (f" (kubectl logs -n {namespace} {pod} -c {MAIN_CONTAINER})")
-        )
+        return pod_pointer(pod, what, namespace, MAIN_CONTAINER) if pod else ""
 
     def pod_selector(self, child_name: str) -> str:
         return f"{JOB_NAME_LABEL}={child_name}"

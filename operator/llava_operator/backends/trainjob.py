@@ -23,8 +23,8 @@ from ..api import LlavaRun, Stage
 from ..api.spec import trainjob_refusals
 from ..backend import RunObjects, stamp, suspend_patch_at
 from ..jobstate import JobPhase, JobState
-from ..render import owner_reference, render_rbac, stage_values
-from .pytorchjob import describe_failed_pod
+from ..render import owner_reference, stage_values
+from .shared import describe_failed_pod, pod_pointer, trainer_identity
 
 GROUP = "trainer.kubeflow.org"
 VERSION = "v1alpha1"
@@ -174,10 +174,7 @@ class TrainJobBackend:
         return stamp(job, suspend=run.spec.suspend, runs=_runs(job))
 
     def run_objects(self, run: LlavaRun) -> RunObjects:
-        """The same trainer identity as a PyTorchJob's: the ServiceAccount first, then the Role."""
-        objects = render_rbac(run)
-        before = tuple(o for o in objects if o["kind"] == "ServiceAccount")
-        return RunObjects(before=before, after=tuple(o for o in objects if o["kind"] != "ServiceAccount"))
+        return trainer_identity(run)
 
     def state(self, child: Mapping[str, Any]) -> JobState:
         return trainjob_state(child)
@@ -190,10 +187,7 @@ class TrainJobBackend:
     ) -> str:
         """The failed pod of the TrainJob's JobSet (the failed pod stays), its exit code and log command."""
         described = describe_failed_pod(pods, MAIN_CONTAINER)
-        if not described:
-            return ""
-        pod, what = described
-        return f"pod {pod}: {what} (kubectl logs -n {namespace} {pod} -c {MAIN_CONTAINER})"
+        return pod_pointer(*described, namespace, MAIN_CONTAINER) if described else ""
 
     def pod_selector(self, child_name: str) -> str:
         return f"{JOBSET_NAME_LABEL}={child_name}"
