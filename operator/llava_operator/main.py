@@ -13,17 +13,16 @@ import sys
 import kopf
 
 from . import metrics
-from .backends import CLUSTER_KINDS as BACKENDS
-from .backends import cluster_backends
+from .backends import CLUSTER_KINDS, cluster_backends
 from .backends.trainjob import DEFAULT_RUNTIME
 
 
 def served_kinds(default: str, listed: str) -> list[str]:
     """The default backend first, then the other listed ones; ValueError for an unknown kind."""
     kinds = [default, *(k.strip() for k in listed.split(",") if k.strip())]
-    unknown = sorted(set(kinds) - set(BACKENDS))
+    unknown = sorted(set(kinds) - set(CLUSTER_KINDS))
     if unknown:
-        raise ValueError(f"unknown backend(s) {', '.join(unknown)}: choose from {', '.join(BACKENDS)}")
+        raise ValueError(f"unknown backend(s) {', '.join(unknown)}: choose from {', '.join(CLUSTER_KINDS)}")
     return list(dict.fromkeys(kinds))
 
 
@@ -37,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--backend",
-        choices=BACKENDS,
+        choices=CLUSTER_KINDS,
         default="PyTorchJob",
         help="What runs the stages of a run whose spec.backend is unset (default: %(default)s).",
     )

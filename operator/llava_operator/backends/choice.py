@@ -30,17 +30,20 @@ def not_served(body: Mapping[str, Any], kind: str, served: Iterable[str]) -> str
     """Why a run whose backend is `kind` cannot run on an operator serving only `served`, naming
     the field that chose it and what to change."""
     served = ", ".join(served)
+    serve = (
+        f"serve {kind} (operator flag --backends; chart value backends.{kind[0].lower()}{kind[1:]}.enabled)"
+    )
     if (body.get("status") or {}).get("backend") == kind:
         return (
-            f"status.backend: the run started on {kind}, which this operator does not serve (it serves "
-            f"{served}); serve {kind} again (operator flag --backends) to continue it"
+            f"status.backend: the run started on {kind}, which this operator does not serve "
+            f"(it serves {served}); {serve} to continue it"
         )
     if (body.get("spec") or {}).get("backend") == kind:
         return (
-            f"spec.backend: {kind} is not served by this operator (it serves {served}); choose one of "
-            f"those, or serve {kind} (chart value backends.trainJob.enabled, operator flag --backends)"
+            f"spec.backend: {kind} is not served by this operator (it serves {served}); "
+            f"choose one of those, or {serve}"
         )
     return (
         f"status: the run started before status.backend was recorded, so on {kind}, which this operator "
-        f"does not serve (it serves {served}); serve {kind} again (operator flag --backends) to continue it"
+        f"does not serve (it serves {served}); {serve} to continue it"
     )
