@@ -45,7 +45,8 @@ class Kube:
     def __init__(self, api: client.ApiClient, backend: Backend, others: Iterable[Backend] = ()) -> None:
         self.api = api
         self.backend = backend
-        """The operator's default backend; `backends` are all it serves, by kind."""
+        """Whose children `create`/`patch_child`/`delete_child` address: the operator's default
+        backend, or a run's (`using`); `backends` are all it serves, by kind."""
         self.backends = {b.kind: b for b in (backend, *others)}
         self.instance = os.environ.get("HOSTNAME") or socket.gethostname()
 

@@ -51,6 +51,9 @@ LABEL_RUN, LABEL_STAGE, LABEL_ATTEMPT = "llavarun.io/run", "llavarun.io/stage", 
 REPLICA_TYPE_LABEL = "training.kubeflow.org/replica-type"  # "master" / "worker", set by the training-operator
 JOB_NAME_LABEL = "training.kubeflow.org/job-name"
 POLL = 0.2
+TEAM_TAINT = "dedicated.example.com/team"
+"""A taint of extra kwok GPU pools that a scenario's run does not tolerate (until it does)."""
+POOL_LABEL = "e2e.llavarun.io/pool"
 ALL_STAGES = ("prepare", "pretrain", "finetune", "evaluate")
 
 
@@ -321,24 +324,38 @@ def synth_data_dir(parent: Path, samples: int = 8) -> Path:
     return out
 
 
-def play_trainer_pod(
-    run_body: Mapping[str, Any], stage: str, data_dir: Path, pod_env: Mapping[str, str], log: Path
-) -> dict[str, str]:
-    """Run one stage's trainer as its pod would (the operator's flags with `data_dir` for the
-    data_dir, under `torchrun --standalone` on this machine, with the pod's literal `pod_env` on top
-    of ours) and assert it succeeded; returns the environment it ran with."""
+def trainer_pod_argv(run_body: Mapping[str, Any], stage: str, data_dir: Path) -> list[str]:
+    """A stage's trainer as its pod runs it (the operator's flags, `data_dir` for the data_dir),
+    under `torchrun --standalone` on this machine."""
     from llava_operator.api import LlavaRun, Stage
     from llava_operator.trainer_command import trainer_args
 
     run = LlavaRun.model_validate(dict(run_body))  # as the apiserver defaulted it
     args = trainer_args(run.spec, Stage(stage), data_dir_override=str(data_dir))
-    env = {k: v for k, v in os.environ.items() if k not in ("KUBECONFIG", "LLAVARUN_STATUS_FILE")}
-    env.update({k: v for k, v in pod_env.items() if not k.startswith("PET_")})  # torchrun's: ours here
-    env.update({"OMP_NUM_THREADS": "2", "PYTHONUNBUFFERED": "1"})
-    argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "1",
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "1",
             "-m", "llava_trainer", *args]  # fmt: skip
+
+
+def trainer_pod_env(pod_env: Mapping[str, str]) -> dict[str, str]:
+    """Our environment with the pod's literal `pod_env` on top; torchrun's own (PET_*, which a
+    TrainJob's pods get) stays ours: --standalone here."""
+    env = {k: v for k, v in os.environ.items() if k not in ("KUBECONFIG", "LLAVARUN_STATUS_FILE")}
+    env.update({k: v for k, v in pod_env.items() if not k.startswith("PET_")})
+    env.update({"OMP_NUM_THREADS": "2", "PYTHONUNBUFFERED": "1"})
+    return env
+
+
+def play_trainer_pod(
+    run_body: Mapping[str, Any], stage: str, data_dir: Path, pod_env: Mapping[str, str], log: Path
+) -> dict[str, str]:
+    """Run one stage's trainer as its pod would (`trainer_pod_argv`, `trainer_pod_env`) and assert
+    it succeeded; returns the environment it ran with."""
+    env = trainer_pod_env(pod_env)
     with log.open("wb") as out:
-        proc = subprocess.run(argv, env=env, stdout=out, stderr=subprocess.STDOUT, timeout=240, check=False)
+        proc = subprocess.run(
+            trainer_pod_argv(run_body, stage, data_dir), env=env, stdout=out, stderr=subprocess.STDOUT,
+            timeout=240, check=False,
+        )  # fmt: skip
     assert proc.returncode == 0, f"trainer failed, log {log}:\n{log.read_text()[-4000:]}"
     return env
 

@@ -11,6 +11,8 @@ from tests.cluster import Cluster, wait_for
 
 from .childkinds import ChildKind
 from .support import (
+    POOL_LABEL,
+    TEAM_TAINT,
     Kube,
     OperatorProcess,
     condition,
@@ -21,8 +23,6 @@ from .support import (
 )
 
 pytestmark = pytest.mark.e2e
-TEAM_TAINT = "dedicated.example.com/team"
-POOL_LABEL = "e2e.llavarun.io/pool"
 
 
 def unschedulable(pod: dict[str, Any]) -> bool:

@@ -15,18 +15,25 @@ import json
 import os
 import signal
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
-from llava_operator.api import LlavaRun, Stage
-from llava_operator.trainer_command import trainer_args
 
 from tests.cluster import wait_for
 
 from .childkinds import ChildKind
-from .support import Kube, OperatorProcess, job_name, llavarun, synth_data_dir, wait_pods, wait_run
+from .support import (
+    Kube,
+    OperatorProcess,
+    job_name,
+    llavarun,
+    synth_data_dir,
+    trainer_pod_argv,
+    trainer_pod_env,
+    wait_pods,
+    wait_run,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -54,12 +61,8 @@ class PlayedPod:
 
     def __init__(self, pod: dict[str, Any], container: str, argv: list[str], log: Path) -> None:
         (spec,) = [c for c in pod["spec"]["containers"] if c["name"] == container]
-        env = {k: v for k, v in os.environ.items() if k not in ("KUBECONFIG", "LLAVARUN_STATUS_FILE")}
-        # The pod's literal env; torchrun's own (PET_*, a TrainJob's) stays ours: --standalone here.
-        env.update(
-            {e["name"]: e["value"] for e in spec.get("env", []) if "value" in e and e["name"][:4] != "PET_"}
-        )
-        env.update({"OMP_NUM_THREADS": "2", "PYTHONUNBUFFERED": "1", "LLAVARUN_KUBECONFIG": ""})
+        literal = {e["name"]: e["value"] for e in spec.get("env", []) if "value" in e}
+        env = trainer_pod_env({**literal, "LLAVARUN_KUBECONFIG": ""})
         self.env, self.log = env, log
         self.grace = pod["spec"]["terminationGracePeriodSeconds"]
         self._out = log.open("ab")
@@ -87,12 +90,8 @@ class PlayedPod:
 
 
 def play(kube: Kube, backend: ChildKind, namespace: str, data_dir: Path, log: Path) -> PlayedPod:
-    job = job_name(RUN, "pretrain")
-    (pod,) = wait_pods(kube, namespace, backend.pods_of(job), "Running", count=1)
-    run = LlavaRun.model_validate(kube.run(namespace, RUN))
-    args = trainer_args(run.spec, Stage.PRETRAIN, data_dir_override=str(data_dir))
-    argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "1",
-            "-m", "llava_trainer", *args]  # fmt: skip
+    (pod,) = wait_pods(kube, namespace, backend.pods_of(job_name(RUN, "pretrain")), "Running", count=1)
+    argv = trainer_pod_argv(kube.run(namespace, RUN), "pretrain", data_dir)  # type: ignore[arg-type]
     return PlayedPod(pod, backend.container, argv, log)
 
 

@@ -13,6 +13,8 @@ from tests.cluster import Cluster, wait_for
 
 from .childkinds import ChildKind
 from .support import (
+    POOL_LABEL,
+    TEAM_TAINT,
     Kube,
     OperatorProcess,
     condition,
@@ -23,8 +25,6 @@ from .support import (
 )
 
 pytestmark = pytest.mark.e2e
-TEAM_TAINT = "dedicated.example.com/team"
-POOL_LABEL = "e2e.llavarun.io/pool"
 
 
 def test_an_unschedulable_stage_says_why_in_status_event_and_column(
