@@ -8,8 +8,7 @@ import sys
 from pathlib import Path
 
 from . import yamlio
-from .backends import CLUSTER_KINDS
-from .backends.trainjob import DEFAULT_RUNTIME
+from .kinds import CLUSTER_KINDS, DEFAULT_TRAINING_RUNTIME
 
 COMMANDS: dict[str, str] = {
     "crd": "Print the LlavaRun CustomResourceDefinition generated from the API models",
@@ -93,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     render.add_argument(
         "--training-runtime",
-        default=DEFAULT_RUNTIME,
+        default=DEFAULT_TRAINING_RUNTIME,
         metavar="NAME",
         help="TrainJob: the operator's ClusterTrainingRuntime, for runs without spec.trainingRuntime",
     )

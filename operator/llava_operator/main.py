@@ -13,8 +13,8 @@ import sys
 import kopf
 
 from . import metrics
-from .backends import CLUSTER_KINDS, cluster_backends
-from .backends.trainjob import DEFAULT_RUNTIME
+from .backends import cluster_backends
+from .kinds import CLUSTER_KINDS, DEFAULT_TRAINING_RUNTIME
 
 
 def served_kinds(default: str, listed: str) -> list[str]:
@@ -49,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--training-runtime",
-        default=DEFAULT_RUNTIME,
+        default=DEFAULT_TRAINING_RUNTIME,
         metavar="NAME",
         help="TrainJob backend: the ClusterTrainingRuntime of runs without spec.trainingRuntime "
         "(default: %(default)s, the chart's).",

@@ -19,7 +19,6 @@ from llava_operator.backends.choice import backend_record, chosen_kind
 from llava_operator.backends.local import LocalJobBackend
 from llava_operator.backends.pytorchjob import PYTORCHJOB
 from llava_operator.backends.trainjob import (
-    DEFAULT_RUNTIME,
     MAIN_CONTAINER,
     PATCH_MANAGER,
     TRAINJOB,
@@ -27,6 +26,7 @@ from llava_operator.backends.trainjob import (
     trainjob_state,
 )
 from llava_operator.jobstate import JobPhase
+from llava_operator.kinds import DEFAULT_TRAINING_RUNTIME
 from llava_operator.plan import plan
 from llava_operator.render import render_stage_job
 from pydantic import ValidationError
@@ -136,7 +136,7 @@ def test_runtime_reference_suspend_and_deadline() -> None:
     assert tj["spec"]["runtimeRef"] == {
         "apiGroup": "trainer.kubeflow.org",
         "kind": "ClusterTrainingRuntime",
-        "name": DEFAULT_RUNTIME,
+        "name": DEFAULT_TRAINING_RUNTIME,
     }
     assert tj["spec"]["suspend"] is True
     assert tj["metadata"]["annotations"][SUSPEND_ANNOTATION] == "true"

@@ -14,6 +14,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
+from .. import kinds
 from .base import ApiModel
 from .profiles import PROFILES, AcceleratorProfile, AcceleratorProfileName
 from .stage_params import (
@@ -82,8 +83,8 @@ def _preserve_unknown(description: str) -> dict[str, Any]:
 class BackendKind(StrEnum):
     """What runs a stage attempt on a cluster."""
 
-    PYTORCHJOB = "PyTorchJob"
-    TRAINJOB = "TrainJob"
+    PYTORCHJOB = kinds.PYTORCHJOB
+    TRAINJOB = kinds.TRAINJOB
 
 
 #: What a TrainJob's runtimePatches cannot carry, so a TrainJob run refuses it (field, reason).

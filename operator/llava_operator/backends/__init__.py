@@ -7,9 +7,7 @@ from typing import Any
 from ..api import LlavaRun, Stage
 from ..api.spec import BackendKind
 from ..backend import ClusterBackend
-
-CLUSTER_KINDS = tuple(k.value for k in BackendKind)
-"""The cluster backends, by kind: what `spec.backend`, `--backend` and the chart may name."""
+from ..kinds import CLUSTER_KINDS
 
 
 def cluster_backends(training_runtime: str) -> dict[str, ClusterBackend]:

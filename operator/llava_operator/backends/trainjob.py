@@ -23,13 +23,12 @@ from ..api import LlavaRun, Stage
 from ..api.spec import trainjob_refusals
 from ..backend import RunObjects, stamp, suspend_patch_at
 from ..jobstate import JobPhase, JobState
+from ..kinds import DEFAULT_TRAINING_RUNTIME
 from ..render import owner_reference, stage_values
 from .shared import describe_failed_pod, pod_pointer, trainer_identity
 
 GROUP = "trainer.kubeflow.org"
 VERSION = "v1alpha1"
-DEFAULT_RUNTIME = "llavarun-torch"
-"""The ClusterTrainingRuntime the chart installs when the TrainJob backend is enabled."""
 PATCH_MANAGER = "llavarun.io/operator"
 REPLICATED_JOB = "node"
 MAIN_CONTAINER = "node"
@@ -163,7 +162,7 @@ class TrainJobBackend:
     plural = "trainjobs"
     kind = "TrainJob"
 
-    def __init__(self, runtime: str = DEFAULT_RUNTIME) -> None:
+    def __init__(self, runtime: str = DEFAULT_TRAINING_RUNTIME) -> None:
         self.runtime = runtime
 
     def refusals(self, run: LlavaRun) -> list[str]:
